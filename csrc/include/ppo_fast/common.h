@@ -1,0 +1,102 @@
+// Shared host-side argument checks and the small numeric helpers every op uses.
+// Every message starts with the op's name and says what was expected and what came.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <string>
+
+namespace ppo_fast {
+
+// Welford/Chan moments of a set of numbers: count, mean and the sum of squared deviations M2.
+// Merging two sets is Chan et al.'s parallel formula (1979), which never forms sum(x^2) and so
+// does not cancel for data far from zero.
+template <typename T>
+struct Moments {
+  T n;
+  T mean;
+  T m2;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline Moments<T> moments_merge(Moments<T> a, Moments<T> b) {
+  const T n = a.n + b.n;
+  if (n == T(0)) {
+    return a;
+  }
+  const T delta = b.mean - a.mean;
+  const T wb = b.n / n;
+  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb};
+}
+
+// Mean and Bessel-corrected variance. With fewer than two samples the variance is undefined
+// (TRL raises for zero and returns NaN for one); here it is taken as 1 so that whitening is a
+// plain centring and never poisons a batch with NaN or a division by zero.
+template <typename T>
+C10_HOST_DEVICE inline void moments_finalize(Moments<T> m, T& mean, T& var) {
+  mean = m.n > T(0) ? m.mean : T(0);
+  var = m.n > T(1) ? m.m2 / (m.n - T(1)) : T(1);
+}
+
+namespace check {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    s += (i ? ", " : "") + std::to_string(t.size(i));
+  }
+  return s + "]";
+}
+
+inline void floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor (float32, bfloat16, float16 or float64), got ", t.scalar_type());
+}
+
+inline void rank(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ", shape_str(t));
+}
+
+inline void same_shape(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name, " ",
+              shape_str(ref), ", got ", shape_str(t));
+}
+
+inline void same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                        const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), "; all tensors must be on one device");
+}
+
+inline void nonempty(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.numel() > 0, op, ": ", name, " is empty (shape ", shape_str(t), "); an empty batch has nothing to do");
+}
+
+// A mask is read as "position counts" where it is non-zero. bool and the values' own dtype are
+// read by the kernels directly; any other dtype (int64 attention masks, say) is converted once.
+inline at::Tensor mask(const char* op, const at::Tensor& mask, const char* ref_name, const at::Tensor& ref) {
+  same_device(op, "mask", mask, ref_name, ref);
+  same_shape(op, "mask", mask, ref_name, ref);
+  TORCH_CHECK(mask.scalar_type() != at::kComplexFloat && mask.scalar_type() != at::kComplexDouble, op,
+              ": mask must be bool, integer or floating-point, got ", mask.scalar_type());
+  if (mask.scalar_type() == at::kBool || mask.scalar_type() == ref.scalar_type()) {
+    return mask.contiguous();
+  }
+  return mask.ne(0);
+}
+
+inline void finite(const char* op, const char* name, double v) {
+  TORCH_CHECK(std::isfinite(v), op, ": ", name, " must be finite, got ", v);
+}
+
+}  // namespace check
+}  // namespace ppo_fast

@@ -1,0 +1,32 @@
+// The one TORCH_LIBRARY(ppo_fast, m): every op's schema. Backends only m.impl() under their
+// dispatch key (csrc/cpu/*.cpp, csrc/cuda/*.cu), so routing by device is the dispatcher's job.
+// Fake (meta) kernels and autograd live in ppo_fast/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import ppo_fast._C` runs this file's static initialisers, which register the ops. The module
+// itself is empty: no pybind11 objects, and the stable ABI, so one build serves many Pythons.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ppo_fast, m) {
+  // gae: rollout rewards, GAE, returns, whitening (csrc/include/ppo_fast/gae.h).
+  m.def(
+      "compute_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, float kl_coef, "
+      "str kl_penalty) -> (Tensor rewards, Tensor non_score_rewards, Tensor kl)");
+  m.def(
+      "gae(Tensor values, Tensor rewards, Tensor mask, float gamma, float lam, bool carry_masked) "
+      "-> (Tensor advantages, Tensor returns)");
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, float eps) -> Tensor");
+  m.def(
+      "compute_advantages(Tensor values, Tensor rewards, Tensor mask, float gamma, float lam, bool whiten_rewards, "
+      "bool carry_masked) -> (Tensor advantages, Tensor returns)");
+  m.def(
+      "rollout_advantages(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor values, Tensor mask, "
+      "float kl_coef, str kl_penalty, float gamma, float lam, bool whiten_rewards, bool carry_masked) "
+      "-> (Tensor rewards, Tensor non_score_rewards, Tensor kl, Tensor advantages, Tensor returns)");
+}

@@ -1,0 +1,213 @@
+"""Loads the compiled ops (``ppo_fast._C``), registers their fake kernels, and checks arguments.
+
+The argument checks here mirror the C++ ``TORCH_CHECK``s message for message. They run in the fake
+kernels (so ``torch.compile`` and ``opcheck`` see the same errors as eager calls) and in
+``ppo_fast.functional`` before it routes to the fused op or the reference, so both routes reject
+bad input the same way and before any state changes.
+
+Extension loading is explicit: ``PPO_FAST_DISABLE_EXT=1`` forces the reference;
+``PPO_FAST_REQUIRE_EXT=1`` (set in CI) turns a missing or broken extension into an ImportError;
+otherwise a failed load warns once and ppo_fast runs on the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+KL_PENALTIES = ("kl", "abs", "mse", "k3")
+
+
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ImportError(f"ppo_fast: {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _load_extension() -> tuple[bool, str | None]:
+    disable, require = _env_flag("PPO_FAST_DISABLE_EXT"), _env_flag("PPO_FAST_REQUIRE_EXT")
+    if disable and require:
+        raise ImportError("ppo_fast: PPO_FAST_DISABLE_EXT=1 and PPO_FAST_REQUIRE_EXT=1 contradict each other")
+    if disable:
+        return False, "disabled by PPO_FAST_DISABLE_EXT=1"
+    try:
+        from ppo_fast import _C  # noqa: F401  (registers the ops through its static initialisers)
+    except ImportError as e:
+        if require:
+            raise ImportError(
+                f"ppo_fast: the compiled extension ppo_fast._C failed to load ({e}) and PPO_FAST_REQUIRE_EXT=1; "
+                "build it with `pip install --no-build-isolation -e .`"
+            ) from e
+        warnings.warn(
+            f"ppo_fast: compiled extension not available ({e}); running the eager reference ops. "
+            "Build with `pip install --no-build-isolation -e .`",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False, str(e)
+    return True, None
+
+
+HAS_EXT, EXT_ERROR = _load_extension()
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks (mirroring csrc/include/ppo_fast/common.h and gae.h).
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _floating(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise RuntimeError(
+            f"{op}: {name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {t.dtype}"
+        )
+
+
+def _same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise RuntimeError(
+            f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device"
+        )
+
+
+def _nonempty(op: str, name: str, t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        raise RuntimeError(f"{op}: {name} is empty (shape {_shape(t)}); an empty batch has nothing to do")
+
+
+def _check_mask(op: str, mask: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    _same_device(op, "mask", mask, ref_name, ref)
+    if mask.shape != ref.shape:
+        raise RuntimeError(f"{op}: mask must have the shape of {ref_name} {_shape(ref)}, got {_shape(mask)}")
+    if mask.dtype.is_complex:
+        raise RuntimeError(f"{op}: mask must be bool, integer or floating-point, got {mask.dtype}")
+
+
+def _finite(op: str, name: str, v: float) -> None:
+    if not math.isfinite(v):
+        raise RuntimeError(f"{op}: {name} must be finite, got {v}")
+
+
+def check_bt(op: str, first_name: str, first: torch.Tensor, others: dict, mask: torch.Tensor) -> None:
+    if first.dim() != 2:
+        raise RuntimeError(f"{op}: {first_name} must be 2-D [B, T], got shape {_shape(first)}")
+    _floating(op, first_name, first)
+    _nonempty(op, first_name, first)
+    for name, t in others.items():
+        _same_device(op, name, t, first_name, first)
+        if t.dim() != 2:
+            raise RuntimeError(f"{op}: {name} must be 2-D [B, T], got shape {_shape(t)}")
+        _floating(op, name, t)
+        if t.shape != first.shape:
+            raise RuntimeError(f"{op}: {name} must have the shape of {first_name} {_shape(first)}, got {_shape(t)}")
+        if t.dtype != first.dtype:
+            raise RuntimeError(f"{op}: {name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}")
+    _check_mask(op, mask, first_name, first)
+
+
+def check_kl_penalty(op: str, kl_penalty: str) -> None:
+    if kl_penalty == "full":
+        raise RuntimeError(
+            f"{op}: kl_penalty='full' needs the full vocabulary KL, computed from logits; pass it as logprobs "
+            "with ref_logprobs of zeros and kl_penalty='kl'"
+        )
+    if kl_penalty not in KL_PENALTIES:
+        raise RuntimeError(f"{op}: kl_penalty must be one of 'kl', 'abs', 'mse', 'k3', got '{kl_penalty}'")
+
+
+def check_scores(op: str, scores: torch.Tensor, logprobs: torch.Tensor) -> None:
+    _same_device(op, "scores", scores, "logprobs", logprobs)
+    _floating(op, "scores", scores)
+    if scores.dim() != 1 or scores.shape[0] != logprobs.shape[0]:
+        raise RuntimeError(
+            f"{op}: scores must be 1-D [B] with B = logprobs.size(0) = {logprobs.shape[0]}, got shape {_shape(scores)}"
+        )
+
+
+def check_gae_scalars(op: str, gamma: float, lam: float) -> None:
+    _finite(op, "gamma", gamma)
+    _finite(op, "lam", lam)
+    if not 0.0 <= gamma <= 1.0:
+        raise RuntimeError(f"{op}: gamma must be in [0, 1], got {gamma}")
+    if not 0.0 <= lam <= 1.0:
+        raise RuntimeError(f"{op}: lam must be in [0, 1], got {lam}")
+
+
+def check_compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty) -> None:
+    op = "compute_rewards"
+    check_kl_penalty(op, kl_penalty)
+    _finite(op, "kl_coef", kl_coef)
+    check_bt(op, "logprobs", logprobs, {"ref_logprobs": ref_logprobs}, mask)
+    check_scores(op, scores, logprobs)
+
+
+def check_gae(values, rewards, mask, gamma, lam, op: str = "gae") -> None:
+    check_gae_scalars(op, gamma, lam)
+    check_bt(op, "values", values, {"rewards": rewards}, mask)
+
+
+def check_masked_whiten(x, mask, eps) -> None:
+    op = "masked_whiten"
+    _floating(op, "x", x)
+    _nonempty(op, "x", x)
+    _finite(op, "eps", eps)
+    if eps < 0:
+        raise RuntimeError(f"{op}: eps must be >= 0, got {eps}")
+    _check_mask(op, mask, "x", x)
+
+
+def check_rollout_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef, kl_penalty, gamma, lam) -> None:
+    op = "rollout_advantages"
+    check_kl_penalty(op, kl_penalty)
+    _finite(op, "kl_coef", kl_coef)
+    check_gae_scalars(op, gamma, lam)
+    check_bt(op, "logprobs", logprobs, {"ref_logprobs": ref_logprobs, "values": values}, mask)
+    check_scores(op, scores, logprobs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only, with the same checks as the real kernels.
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    # The kernels write fresh contiguous outputs whatever the inputs' strides.
+    return t.new_empty(t.shape)
+
+
+if HAS_EXT:
+    ops = torch.ops.ppo_fast
+
+    @torch.library.register_fake("ppo_fast::compute_rewards")
+    def _(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty):
+        check_compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty)
+        return _empty(logprobs), _empty(logprobs), _empty(logprobs)
+
+    @torch.library.register_fake("ppo_fast::gae")
+    def _(values, rewards, mask, gamma, lam, carry_masked):
+        check_gae(values, rewards, mask, gamma, lam)
+        return _empty(values), _empty(values)
+
+    @torch.library.register_fake("ppo_fast::masked_whiten")
+    def _(x, mask, shift_mean, eps):
+        check_masked_whiten(x, mask, eps)
+        return _empty(x)
+
+    @torch.library.register_fake("ppo_fast::compute_advantages")
+    def _(values, rewards, mask, gamma, lam, whiten_rewards, carry_masked):
+        check_gae(values, rewards, mask, gamma, lam, op="compute_advantages")
+        return _empty(values), _empty(values)
+
+    @torch.library.register_fake("ppo_fast::rollout_advantages")
+    def _(scores, logprobs, ref_logprobs, values, mask, kl_coef, kl_penalty, gamma, lam, whiten_rewards, carry_masked):
+        check_rollout_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef, kl_penalty, gamma, lam)
+        return tuple(_empty(logprobs) for _ in range(5))
+else:
+    ops = None

@@ -1,0 +1,165 @@
+"""Public functional API. Each function checks its arguments, then runs the fused op (the
+extension's CPU or CUDA kernel, picked by the dispatcher from the inputs' device) or, when the
+extension is not built or ``use_fused=False``, the eager reference in ``ppo_fast.reference``.
+
+Shapes: ``B`` sequences (rows) of ``T`` tokens. ``mask`` is 1 (non-zero) on response tokens; bool
+or the values' dtype are read directly, other dtypes are converted once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ppo_fast import _ops, reference
+
+__all__ = [
+    "RolloutAdvantages",
+    "compute_advantages",
+    "compute_rewards",
+    "fused_available",
+    "gae",
+    "masked_whiten",
+    "rollout_advantages",
+]
+
+
+class RolloutAdvantages(NamedTuple):
+    rewards: torch.Tensor
+    non_score_rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def fused_available() -> bool:
+    """True when the compiled extension is loaded (and not disabled by ``PPO_FAST_DISABLE_EXT=1``)."""
+    return _ops.HAS_EXT
+
+
+def _use_fused(use_fused: bool | None) -> bool:
+    if use_fused is None:
+        return _ops.HAS_EXT
+    if use_fused and not _ops.HAS_EXT:
+        raise RuntimeError(f"ppo_fast: use_fused=True but the compiled extension is not available ({_ops.EXT_ERROR})")
+    return bool(use_fused)
+
+
+def compute_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_penalty: str = "kl",
+    *,
+    use_fused: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards: ``-kl_coef * penalty(logprobs, ref_logprobs)`` plus ``scores[b]`` at row b's
+    last unmasked token (a fully masked row gets no score).
+
+    Args: ``scores`` [B] (any float dtype), ``logprobs``/``ref_logprobs`` [B, T] (fp32, bf16, fp16,
+    fp64; one dtype), ``mask`` [B, T]; ``kl_penalty`` in ``kl | abs | mse | k3``.
+    Returns ``(rewards, non_score_rewards, kl)``, [B, T] in the dtype of ``logprobs``.
+    """
+    kl_coef = float(kl_coef)
+    _ops.check_compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty)
+    fn = _ops.ops.compute_rewards if _use_fused(use_fused) else reference.compute_rewards
+    return fn(scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask, kl_coef, kl_penalty)
+
+
+def gae(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    *,
+    carry_masked: bool = False,
+    use_fused: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (unwhitened) GAE advantages and returns, TRL's semantics: values and rewards multiplied by
+    the mask, value 0 past the end. ``carry_masked=True`` skips masked positions instead (advantage
+    and next value carried through them), for multi-turn rollouts with masked observation tokens.
+    [B, T] in, ``(advantages, returns)`` [B, T] out, in the dtype of ``values``."""
+    gamma, lam = float(gamma), float(lam)
+    _ops.check_gae(values, rewards, mask, gamma, lam)
+    fn = _ops.ops.gae if _use_fused(use_fused) else reference.gae
+    return fn(values.detach(), rewards.detach(), mask, gamma, lam, bool(carry_masked))
+
+
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = reference.WHITEN_EPS,
+    *,
+    use_fused: bool | None = None,
+) -> torch.Tensor:
+    """``(x - mean) * rsqrt(var + eps)`` with the mean and Bessel-corrected variance taken over the
+    unmasked positions and applied to every position; ``shift_mean=False`` adds the mean back. With
+    fewer than two unmasked positions the variance is taken as 1 (TRL raises or returns NaN).
+    ``x`` of any shape, ``mask`` of the same shape; returns the dtype of ``x``."""
+    eps = float(eps)
+    _ops.check_masked_whiten(x, mask, eps)
+    fn = _ops.ops.masked_whiten if _use_fused(use_fused) else reference.masked_whiten
+    return fn(x.detach(), mask, bool(shift_mean), eps)
+
+
+def compute_advantages(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    *,
+    whiten_rewards: bool = False,
+    carry_masked: bool = False,
+    use_fused: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's ``PPOTrainer.compute_advantages``: optional reward whitening (mean kept, padding masked
+    out again), GAE, returns, then advantages whitened over the mask. [B, T] in; returns
+    ``(advantages, returns)`` in the dtype of ``values``. On CUDA: at most three launches, no host
+    synchronisation."""
+    gamma, lam = float(gamma), float(lam)
+    _ops.check_gae(values, rewards, mask, gamma, lam, op="compute_advantages")
+    fn = _ops.ops.compute_advantages if _use_fused(use_fused) else reference.compute_advantages
+    return fn(values.detach(), rewards.detach(), mask, gamma, lam, bool(whiten_rewards), bool(carry_masked))
+
+
+def rollout_advantages(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_penalty: str = "kl",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    *,
+    whiten_rewards: bool = False,
+    carry_masked: bool = False,
+    use_fused: bool | None = None,
+) -> RolloutAdvantages:
+    """The whole post-processing of a PPO rollout in one op: ``compute_rewards`` then
+    ``compute_advantages``. On CUDA this is two launches (three with ``whiten_rewards``) and no host
+    synchronisation. Returns ``RolloutAdvantages(rewards, non_score_rewards, kl, advantages, returns)``."""
+    kl_coef, gamma, lam = float(kl_coef), float(gamma), float(lam)
+    _ops.check_rollout_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef, kl_penalty, gamma, lam)
+    fn = _ops.ops.rollout_advantages if _use_fused(use_fused) else reference.rollout_advantages
+    out = fn(
+        scores.detach(),
+        logprobs.detach(),
+        ref_logprobs.detach(),
+        values.detach(),
+        mask,
+        kl_coef,
+        kl_penalty,
+        gamma,
+        lam,
+        bool(whiten_rewards),
+        bool(carry_masked),
+    )
+    return RolloutAdvantages(*out)

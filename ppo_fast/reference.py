@@ -1,0 +1,206 @@
+"""Eager PyTorch twins of every fused op: same signatures, TRL 0.11's math written plainly.
+
+They are the ground truth the kernels are tested against, the fallback when the extension is not
+built (or ``PPO_FAST_DISABLE_EXT=1``), and the "eager" side of the benchmarks. Low-precision
+inputs are computed in fp32 (fp64 stays fp64) and results are returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "compute_advantages",
+    "compute_rewards",
+    "gae",
+    "gae_scan",
+    "kl_penalty",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "rollout_advantages",
+]
+
+WHITEN_EPS = 1e-8  # TRL's masked_whiten
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mode: str = "kl") -> torch.Tensor:
+    """Per-token KL estimate (TRL's ``_kl_penalty``; ``k3`` is Schulman's unbiased low-variance one)."""
+    d = logprobs - ref_logprobs
+    if mode == "kl":
+        return d
+    if mode == "abs":
+        return d.abs()
+    if mode == "mse":
+        return 0.5 * d.square()
+    if mode == "k3":
+        return torch.exp(-d) + d - 1
+    raise ValueError(f"kl_penalty must be one of 'kl', 'abs', 'mse', 'k3', got {mode!r}")
+
+
+def compute_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_penalty: str = "kl",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rewards = -kl_coef * kl`` plus each row's score at its last unmasked position.
+
+    [B, T] inputs, ``scores`` [B]. A row with no unmasked position gets no score (TRL raises).
+    Returns ``(rewards, non_score_rewards, kl)``, each [B, T] in the dtype of ``logprobs``.
+    """
+    dtype = logprobs.dtype
+    kl = globals()["kl_penalty"](_acc(logprobs), _acc(ref_logprobs), kl_penalty)
+    non_score = -kl_coef * kl
+    m = mask != 0
+    T = m.shape[1]
+    last = T - 1 - m.flip(1).int().argmax(dim=1)  # last unmasked position of each row
+    score = torch.where(m.any(dim=1), scores.to(non_score.dtype), 0.0)
+    rewards = non_score.scatter_add(1, last[:, None], score[:, None])
+    return rewards.to(dtype), non_score.to(dtype), kl.to(dtype)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected masked variance; 1 when fewer than two positions are unmasked."""
+    n = mask.sum()
+    if n < 2:
+        return torch.ones((), dtype=values.dtype, device=values.device)
+    centered = values - masked_mean(values, mask)
+    return masked_mean(centered**2, mask) * (n / (n - 1))
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = WHITEN_EPS) -> torch.Tensor:
+    """``(x - mean) * rsqrt(var + eps)`` over the unmasked positions, applied everywhere; the mean is
+    added back when ``shift_mean`` is False. Any shape; ``mask`` has the shape of ``x``."""
+    dtype = x.dtype
+    xa = _acc(x)
+    m = (mask != 0).to(xa.dtype)
+    mean = masked_mean(xa, m) if m.sum() > 0 else torch.zeros((), dtype=xa.dtype, device=x.device)
+    var = masked_var(xa, m)
+    out = (xa - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out.to(dtype)
+
+
+def gae(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    carry_masked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw GAE advantages and returns, TRL's reversed loop: values and rewards are multiplied by the
+    mask and the value past the end is 0. With ``carry_masked``, masked positions are skipped: the
+    advantage and the next value are carried through them unchanged. [B, T] in, [B, T] out."""
+    dtype = values.dtype
+    m = (mask != 0).to(_acc(values).dtype)
+    v = _acc(values) * m
+    r = _acc(rewards) * m
+    T = v.shape[1]
+    last_gae = torch.zeros_like(v[:, 0])
+    next_value = torch.zeros_like(v[:, 0])
+    advantages = []
+    for t in reversed(range(T)):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        new_gae = delta + gamma * lam * last_gae
+        if carry_masked:
+            last_gae = torch.where(m[:, t] > 0, new_gae, last_gae)
+            next_value = torch.where(m[:, t] > 0, v[:, t], next_value)
+        else:
+            last_gae = new_gae
+            next_value = v[:, t]
+        advantages.append(last_gae)
+    adv = torch.stack(advantages[::-1], dim=1)
+    return adv.to(dtype), (adv + v).to(dtype)
+
+
+def gae_scan(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    carry_masked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gae`` as a loop-free log-depth reverse affine scan (Hillis-Steele doubling over the maps
+    ``x -> a x + b``). Same results as ``gae``; this form is what ``torch.compile`` can take at
+    large T, where the Python loop would unroll T times."""
+    dtype = values.dtype
+    m = (mask != 0).to(_acc(values).dtype)
+    v = _acc(values) * m
+    r = _acc(rewards) * m
+    ones, zeros = torch.ones_like(v), torch.zeros_like(v)
+    take = m if carry_masked else ones
+    # next value: N_t = take_t ? v_t : N_{t+1}; the value seen from t is N_{t+1}.
+    n_a, n_b = _reverse_affine_scan(1 - take, take * v)
+    v_next = torch.cat([n_b[:, 1:], zeros[:, :1]], dim=1)
+    delta = r + gamma * v_next - v
+    active = m if carry_masked else ones
+    a = active * (gamma * lam) + (1 - active)
+    _, adv = _reverse_affine_scan(a, active * delta)
+    return adv.to(dtype), (adv + v).to(dtype)
+
+
+def _reverse_affine_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive right-to-left composition of ``x_t = a_t x_{t+1} + b_t`` with ``x_T = 0``."""
+    T = a.shape[1]
+    step = 1
+    while step < T:
+        # compose each position with the maps `step` positions to its right (identity past the end)
+        a_r = torch.cat([a[:, step:], torch.ones_like(a[:, :step])], dim=1)
+        b_r = torch.cat([b[:, step:], torch.zeros_like(b[:, :step])], dim=1)
+        a, b = a * a_r, a * b_r + b
+        step *= 2
+    return a, b
+
+
+def compute_advantages(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_rewards: bool = False,
+    carry_masked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's ``compute_advantages``: optional reward whitening (mean kept), GAE, returns, and advantages
+    whitened over the mask. Whitened rewards are masked again, so padding never leaks into the scan
+    (TRL's whitened padding is non-zero). Returns ``(advantages, returns)`` in the dtype of ``values``."""
+    if whiten_rewards:
+        m = mask != 0
+        rewards = masked_whiten(_acc(rewards) * m, m, shift_mean=False) * m
+    adv, ret = gae(_acc(values), _acc(rewards), mask, gamma, lam, carry_masked)
+    adv = masked_whiten(adv, mask)
+    return adv.to(values.dtype), ret.to(values.dtype)
+
+
+def rollout_advantages(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_penalty: str = "kl",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_rewards: bool = False,
+    carry_masked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole post-processing of a rollout: ``compute_rewards`` then ``compute_advantages``.
+    Returns ``(rewards, non_score_rewards, kl, advantages, returns)``."""
+    rewards, non_score, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty)
+    adv, ret = compute_advantages(values, rewards, mask, gamma, lam, whiten_rewards, carry_masked)
+    return rewards, non_score, kl, adv, ret
