@@ -42,10 +42,28 @@ def _want_cuda() -> bool:
     return cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
 
 
+def _pip_cuda_includes() -> list[str]:
+    """Header folders of the pip-installed CUDA libraries (nvidia-* wheels) when the toolkit lacks
+    them: torch's ATen/cuda headers include cusparse.h and cublas headers, which a bare nvcc-only
+    toolkit does not ship but a CUDA build of torch brings along as wheels."""
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in getattr(nvidia, "__path__", []):
+        found += glob.glob(os.path.join(root, "*", "include"))
+    wanted = ("cusparse.h", "cublas_v2.h")
+    return sorted(d for d in found if any(os.path.exists(os.path.join(d, h)) for h in wanted))
+
+
 def _extension():
     with_cuda = _want_cuda()
     rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)
-    sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    csrc = os.path.join(HERE, "csrc")
+    sources = rel(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     cxx = ["-O3", "-fdiagnostics-color=always"]
     ldflags = []
     if sys.platform.startswith("linux"):
@@ -53,7 +71,7 @@ def _extension():
         # with OpenMP; libgomp resolves to the copy torch already loaded (same soname).
         cxx.append("-fopenmp")
         ldflags.append("-fopenmp")
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    define_macros = []  # cpp_extension defines Py_LIMITED_API itself for py_limited_api=True
     kwargs = dict(
         name="ppo_fast._C",
         include_dirs=[os.path.join(HERE, "csrc", "include")],
@@ -61,8 +79,9 @@ def _extension():
         extra_link_args=ldflags,
     )
     if with_cuda:
-        sources += rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+        sources += rel(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
         define_macros.append(("PPO_FAST_WITH_CUDA", "1"))
+        kwargs["include_dirs"] += _pip_cuda_includes()
         # No --use_fast_math: exp/log must match the CPU kernels.
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(

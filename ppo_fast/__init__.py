@@ -1,7 +1,6 @@
 """ppo_fast: PPO for language models with fused C++/CUDA kernels behind the classic TRL PPO API."""
 
 from ppo_fast import functional, reference
-from ppo_fast._ops import HAS_EXT as _HAS_EXT
 
 __version__ = "0.1.0"
 

@@ -71,6 +71,13 @@ def _floating(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
+def _device_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    if t.device.type == "cuda" and t.dtype == torch.float64:
+        raise RuntimeError(
+            f"{op}: CUDA tensors must be float32, bfloat16 or float16 (float64 runs on the CPU), got {t.dtype}"
+        )
+
+
 def _same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.device != ref.device:
         raise RuntimeError(
@@ -100,6 +107,7 @@ def check_bt(op: str, first_name: str, first: torch.Tensor, others: dict, mask: 
     if first.dim() != 2:
         raise RuntimeError(f"{op}: {first_name} must be 2-D [B, T], got shape {_shape(first)}")
     _floating(op, first_name, first)
+    _device_dtype(op, first_name, first)
     _nonempty(op, first_name, first)
     for name, t in others.items():
         _same_device(op, name, t, first_name, first)
@@ -157,6 +165,7 @@ def check_gae(values, rewards, mask, gamma, lam, op: str = "gae") -> None:
 def check_masked_whiten(x, mask, eps) -> None:
     op = "masked_whiten"
     _floating(op, "x", x)
+    _device_dtype(op, "x", x)
     _nonempty(op, "x", x)
     _finite(op, "eps", eps)
     if eps < 0:

@@ -67,27 +67,29 @@ def compute_rewards(
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum()
+    """Mean over the unmasked positions (0 when there are none)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Bessel-corrected masked variance; 1 when fewer than two positions are unmasked."""
+    """Bessel-corrected masked variance; 1 when fewer than two positions are unmasked (TRL raises for
+    none and returns NaN for one)."""
     n = mask.sum()
-    if n < 2:
-        return torch.ones((), dtype=values.dtype, device=values.device)
     centered = values - masked_mean(values, mask)
-    return masked_mean(centered**2, mask) * (n / (n - 1))
+    var = (centered.square() * mask).sum() / (n - 1).clamp(min=1)
+    return torch.where(n > 1, var, torch.ones_like(var))
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = WHITEN_EPS) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = WHITEN_EPS
+) -> torch.Tensor:
     """``(x - mean) * rsqrt(var + eps)`` over the unmasked positions, applied everywhere; the mean is
     added back when ``shift_mean`` is False. Any shape; ``mask`` has the shape of ``x``."""
     dtype = x.dtype
     xa = _acc(x)
     m = (mask != 0).to(xa.dtype)
-    mean = masked_mean(xa, m) if m.sum() > 0 else torch.zeros((), dtype=xa.dtype, device=x.device)
-    var = masked_var(xa, m)
-    out = (xa - mean) * torch.rsqrt(var + eps)
+    mean = masked_mean(xa, m)
+    out = (xa - mean) * torch.rsqrt(masked_var(xa, m) + eps)
     if not shift_mean:
         out = out + mean
     return out.to(dtype)

@@ -1,0 +1,46 @@
+"""A small CUDA workload for compute-sanitizer (benchmarks/gpu_check.sh): every op, both row-group
+layouts (a warp per row; a block per long row), ragged tails, vector and scalar load paths, every
+mask dtype path. Prints one line; exits non-zero on a mismatch with the CPU kernels."""
+
+import torch
+
+from ppo_fast import functional as F
+
+
+def gae_workload() -> int:
+    bad = 0
+    g = torch.Generator().manual_seed(0)
+    for B, T in [(3, 7), (5, 1031), (2, 4096), (9, 256)]:  # T=1031 and 4096: a block per row
+        for dtype in (torch.float32, torch.bfloat16):
+            v, r, lp, ref = (torch.randn(B, T, generator=g).to(dtype) for _ in range(4))
+            s = torch.randn(B, generator=g)
+            m = torch.rand(B, T, generator=g) > 0.3
+            for mask in (m, m.to(dtype)):
+                for carry in (False, True):
+                    for wr in (False, True):
+                        args = (s, lp, ref, v, mask, 0.1, "k3", 0.99, 0.95)
+                        kw = dict(whiten_rewards=wr, carry_masked=carry)
+                        got = F.rollout_advantages(*(a.cuda() if torch.is_tensor(a) else a for a in args), **kw)
+                        want = F.rollout_advantages(*args, **kw)
+                        for x, y in zip(got, want):
+                            bad += not torch.allclose(x.cpu().float(), y.float(), rtol=2e-2, atol=2e-2)
+            got = F.masked_whiten(v.cuda(), m.cuda(), shift_mean=False)
+            bad += not torch.allclose(got.cpu().float(), F.masked_whiten(v, m, shift_mean=False).float(), atol=2e-2)
+            got = F.compute_advantages(v.cuda(), r.cuda(), m.cuda(), whiten_rewards=True)
+            want = F.compute_advantages(v, r, m, whiten_rewards=True)
+            bad += sum(not torch.allclose(x.cpu().float(), y.float(), atol=2e-2) for x, y in zip(got, want))
+            got = F.gae(v.cuda(), r.cuda(), m.cuda())
+            bad += sum(not torch.allclose(x.cpu().float(), y.float(), atol=2e-2) for x, y in zip(got, F.gae(v, r, m)))
+            # an unaligned (offset) view takes the scalar path
+            vo, ro, mo = v.cuda()[:, 1:], r.cuda()[:, 1:], m.cuda()[:, 1:]
+            got = F.compute_rewards(s.cuda(), vo, ro, mo, 0.2)
+            want = F.compute_rewards(s, v[:, 1:], r[:, 1:], m[:, 1:], 0.2)
+            bad += sum(not torch.allclose(x.cpu().float(), y.float(), atol=2e-2) for x, y in zip(got, want))
+    torch.cuda.synchronize()
+    return bad
+
+
+if __name__ == "__main__":
+    bad = gae_workload()
+    print(f"sanitize workload: {bad} mismatches")
+    raise SystemExit(1 if bad else 0)
