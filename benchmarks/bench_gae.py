@@ -51,7 +51,9 @@ def _compute_advantages_scan(values, rewards, mask):
 @functools.cache
 def _compiled(op: str):
     fn = (lambda v, r, m: reference.gae_scan(v, r, m, GAMMA, LAM)) if op == "gae" else _compute_advantages_scan
-    return torch.compile(fn, dynamic=False)
+    # Automatic dynamic shapes: one graph serves many B; the scan's depth still specialises on T.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(fn)
 
 
 def _impl(op: str, impl: str):

@@ -64,7 +64,7 @@ done
 
 stamp "compute-sanitizer (memcheck, racecheck) on a small workload"
 for tool in memcheck racecheck; do
-  if timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 $PY benchmarks/sanitize.py >"$OUT/sanitize_$tool.log" 2>&1; then
+  if timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 9 $PY benchmarks/sanitize.py >"$OUT/sanitize_$tool.log" 2>&1; then
     status+=("sanitizer $tool: clean")
   else
     status+=("sanitizer $tool: FAILED (rc $?)"); grep -E "=========|Error" "$OUT/sanitize_$tool.log" | head -20

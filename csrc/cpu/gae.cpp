@@ -81,7 +81,9 @@ void run_rows(const RowJob<scalar_t>& job, const mask_t* mask) {
           if (job.non_score_out) job.non_score_out[o + t] = static_cast<scalar_t>(nsr);
           if (job.rewards_out) job.rewards_out[o + t] = static_cast<scalar_t>(r);
         }
-        acc_t tracked = masked(r, m);
+        // Moments of the rewards as stored (rounded to scalar_t): the scan that whitens them reads
+        // them back from memory, and whitening amplifies any mismatch by 1/std.
+        acc_t tracked = masked(static_cast<acc_t>(static_cast<scalar_t>(r)), m);
         if (scan) {
           const acc_t r_eff = job.whiten_rewards ? whiten_reward(r, m, job.reward_mean, job.reward_rstd) : tracked;
           const acc_t v = masked(static_cast<acc_t>(job.values[o + t]), m);
