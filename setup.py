@@ -11,6 +11,8 @@ cpp_extension. Build without isolation so the installed torch is the one compile
 
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -92,8 +94,29 @@ def _extension():
     )
 
 
+def _check_dynamic_libstdcxx(path: str) -> None:
+    """Refuse an extension that carries its own static libstdc++: its second, uninitialised copy of
+    the C++ locale crashes the process on the first error message that formats a number (seen with
+    a g++ wrapper on a GPU image). torch itself links libstdc++ dynamically; so must we."""
+    if not sys.platform.startswith("linux") or shutil.which("readelf") is None:
+        return
+    dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
+    if "libstdc++" not in dynamic:
+        raise SystemExit(
+            f"ppo_fast: {path} links libstdc++ statically (compiler: {os.environ.get('CXX', 'c++')}); it would crash "
+            "on the first formatted error message. Build with a compiler that links it dynamically, e.g. "
+            "CC=/usr/bin/gcc CXX=/usr/bin/g++"
+        )
+
+
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        _check_dynamic_libstdcxx(self.get_ext_fullpath(ext.name))
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -14,6 +14,10 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PPO_FAST_REQUIRE_EXT=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PPO_FAST_CUDA=1
+# The system compiler: a wrapper that links libstdc++ statically into the extension (seen on the
+# H200 image's /opt/gcc) gives it a second, uninitialised copy of the C++ locale, and the first
+# error message that formats a number crashes. setup.py refuses such a build.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 BENCHES=(benchmarks/bench_gae.py)
 status=()
 t0=$(date +%s)
