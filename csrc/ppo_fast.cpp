@@ -29,4 +29,18 @@ TORCH_LIBRARY(ppo_fast, m) {
       "rollout_advantages(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor values, Tensor mask, "
       "float kl_coef, str kl_penalty, float gamma, float lam, bool whiten_rewards, bool carry_masked) "
       "-> (Tensor rewards, Tensor non_score_rewards, Tensor kl, Tensor advantages, Tensor returns)");
+
+  // ppo_loss: clipped PPO loss with value clipping and KL penalty (csrc/include/ppo_fast/ppo_loss.h).
+  // row_scale [B] is d loss / d token term for each row (0 when ratio_threshold skipped the batch);
+  // the forward saves it for the backward, which is then elementwise.
+  m.def(
+      "ppo_loss(Tensor logprobs, Tensor vpreds, Tensor old_logprobs, Tensor old_values, Tensor advantages, "
+      "Tensor returns, Tensor mask, Tensor? ref_logprobs, float cliprange, float cliprange_value, float vf_coef, "
+      "float kl_coef, str kl_estimator, float? dual_clip, float? log_ratio_clamp, str aggregation, "
+      "float ratio_threshold) -> (Tensor loss, Tensor stats, Tensor row_scale)");
+  m.def(
+      "ppo_loss_backward(Tensor grad_loss, Tensor row_scale, Tensor logprobs, Tensor vpreds, Tensor old_logprobs, "
+      "Tensor old_values, Tensor advantages, Tensor returns, Tensor mask, Tensor? ref_logprobs, float cliprange, "
+      "float cliprange_value, float vf_coef, float kl_coef, str kl_estimator, float? dual_clip, "
+      "float? log_ratio_clamp) -> (Tensor grad_logprobs, Tensor grad_vpreds)");
 }

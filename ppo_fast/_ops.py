@@ -18,6 +18,9 @@ import warnings
 
 import torch
 
+# Layout of ppo_loss's stats vector (csrc/include/ppo_fast/ppo_loss.h, enum Stat).
+from ppo_fast.reference import PPO_LOSS_STATS
+
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 KL_PENALTIES = ("kl", "abs", "mse", "k3")
 
@@ -182,6 +185,60 @@ def check_rollout_advantages(scores, logprobs, ref_logprobs, values, mask, kl_co
     check_scores(op, scores, logprobs)
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+PPO_LOSS_TENSORS = ("vpreds", "old_logprobs", "old_values", "advantages", "returns")
+
+
+def check_ppo_loss_params(op, cliprange, cliprange_value, vf_coef, kl_coef, kl_estimator, dual_clip, log_ratio_clamp):
+    for name, v in (("cliprange", cliprange), ("cliprange_value", cliprange_value), ("vf_coef", vf_coef)):
+        _finite(op, name, v)
+    _finite(op, "kl_coef", kl_coef)
+    if cliprange < 0:
+        raise RuntimeError(f"{op}: cliprange must be >= 0, got {cliprange}")
+    if cliprange_value < 0:
+        raise RuntimeError(f"{op}: cliprange_value must be >= 0, got {cliprange_value}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise RuntimeError(f"{op}: kl_estimator must be one of 'k1', 'k2', 'k3', got '{kl_estimator}'")
+    if dual_clip is not None and not (math.isfinite(dual_clip) and dual_clip > 1.0):
+        raise RuntimeError(f"{op}: dual_clip must be > 1 (or None), got {dual_clip}")
+    if log_ratio_clamp is not None and not (math.isfinite(log_ratio_clamp) and log_ratio_clamp > 0.0):
+        raise RuntimeError(f"{op}: log_ratio_clamp must be > 0 (or None), got {log_ratio_clamp}")
+
+
+def check_ppo_loss_tensors(op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref, kl_coef):
+    tensors = dict(zip(PPO_LOSS_TENSORS, (vpreds, old_logprobs, old_values, advantages, returns), strict=True))
+    if ref is not None:
+        tensors["ref_logprobs"] = ref
+    check_bt(op, "logprobs", logprobs, tensors, mask)
+    if kl_coef != 0.0 and ref is None:
+        raise RuntimeError(
+            f"{op}: kl_coef is {kl_coef} but ref_logprobs is None; pass the reference log-probs or set kl_coef=0"
+        )
+
+
+def check_ppo_loss(
+    logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, cliprange, cliprange_value,
+    vf_coef, kl_coef, kl_estimator, dual_clip, log_ratio_clamp, aggregation, ratio_threshold,
+) -> None:  # fmt: skip
+    op = "ppo_loss"
+    check_ppo_loss_params(op, cliprange, cliprange_value, vf_coef, kl_coef, kl_estimator, dual_clip, log_ratio_clamp)
+    if aggregation not in AGGREGATIONS:
+        raise RuntimeError(
+            f"{op}: aggregation must be one of 'token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', "
+            f"got '{aggregation}'"
+        )
+    if math.isnan(ratio_threshold) or ratio_threshold <= 0:
+        raise RuntimeError(f"{op}: ratio_threshold must be > 0 (inf disables it), got {ratio_threshold}")
+    check_ppo_loss_tensors(
+        op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, kl_coef
+    )
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake kernels: shapes and dtypes only, with the same checks as the real kernels.
 
@@ -218,5 +275,37 @@ if HAS_EXT:
     def _(scores, logprobs, ref_logprobs, values, mask, kl_coef, kl_penalty, gamma, lam, whiten_rewards, carry_masked):
         check_rollout_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef, kl_penalty, gamma, lam)
         return tuple(_empty(logprobs) for _ in range(5))
+
+    @torch.library.register_fake("ppo_fast::ppo_loss")
+    def _(logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, *scalars):
+        check_ppo_loss(logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, *scalars)
+        acc = _acc_dtype(logprobs)
+        n_stats = len(PPO_LOSS_STATS)
+        return (
+            logprobs.new_empty((), dtype=acc),
+            logprobs.new_empty((n_stats,), dtype=acc),
+            logprobs.new_empty((logprobs.shape[0],), dtype=acc),
+        )
+
+    @torch.library.register_fake("ppo_fast::ppo_loss_backward")
+    def _(grad_loss, row_scale, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref, *scalars):
+        op = "ppo_loss_backward"
+        check_ppo_loss_params(op, *scalars)
+        check_ppo_loss_tensors(
+            op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref, scalars[3]
+        )
+        return _empty(logprobs), _empty(logprobs)
+
+    def _ppo_loss_setup_context(ctx, inputs, output):
+        tensors, scalars = inputs[:8], inputs[8:15]  # the backward needs no aggregation/threshold: row_scale has them
+        ctx.save_for_backward(*tensors, output[2])
+        ctx.scalars = scalars
+
+    def _ppo_loss_backward(ctx, grad_loss, grad_stats, grad_row_scale):
+        *tensors, row_scale = ctx.saved_tensors
+        d_logprobs, d_vpreds = ops.ppo_loss_backward(grad_loss, row_scale, *tensors, *ctx.scalars)
+        return (d_logprobs, d_vpreds) + (None,) * 15
+
+    torch.library.register_autograd("ppo_fast::ppo_loss", _ppo_loss_backward, setup_context=_ppo_loss_setup_context)
 else:
     ops = None

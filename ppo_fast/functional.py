@@ -21,6 +21,7 @@ __all__ = [
     "fused_available",
     "gae",
     "masked_whiten",
+    "ppo_loss",
     "rollout_advantages",
 ]
 
@@ -163,3 +164,60 @@ def rollout_advantages(
         bool(carry_masked),
     )
     return RolloutAdvantages(*out)
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    vpreds: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    *,
+    cliprange: float = 0.2,
+    cliprange_value: float = 0.2,
+    vf_coef: float = 0.1,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k1",
+    dual_clip: float | None = None,
+    log_ratio_clamp: float | None = None,
+    aggregation: str = "token_mean",
+    ratio_threshold: float = 10.0,
+    use_fused: bool | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """TRL's clipped PPO loss with value clipping, in one pass, with all of its minibatch statistics.
+
+    ``ratio = exp(logprobs - old_logprobs)`` (optionally clamped in log space to
+    ``[-log_ratio_clamp, log_ratio_clamp]``); ``pg = max(-A ratio, -A clip(ratio, 1 - cliprange,
+    1 + cliprange))``, bounded by ``-A dual_clip`` where ``A < 0`` when ``dual_clip`` is set;
+    ``vf = 0.5 max((v - R)^2, (clip(v, old_v - cliprange_value, old_v + cliprange_value) - R)^2)``;
+    ``loss = agg(pg) + vf_coef agg(vf) + kl_coef agg(kl)`` with ``kl`` the ``kl_estimator`` (k1, k2,
+    k3) of ``logprobs`` against ``ref_logprobs``. ``aggregation``: ``token_mean`` (TRL: mean over all
+    unmasked tokens), ``seq_mean_token_mean`` (mean over rows of each row's token mean) or
+    ``seq_mean_token_sum`` (mean over rows of each row's token sum); rows without tokens count for
+    nothing. When the masked mean ratio exceeds ``ratio_threshold`` the losses and gradients are zero
+    (TRL skips the minibatch), decided on the device without a host synchronisation.
+
+    Tensors: [B, T], one float dtype (fp32, bf16, fp16; fp64 on CPU); ``mask`` [B, T]. Gradients
+    flow to ``logprobs`` and ``vpreds`` only. Returns ``(loss, stats)``: a 0-d fp32 loss (fp64 for
+    fp64 inputs) and a dict of 0-d tensors named as TRL's (``loss/total``, ``loss/policy``,
+    ``loss/value``, ``policy/clipfrac``, ``policy/approxkl``, ``policy/policykl``, ``val/clipfrac``,
+    ``returns/mean``, ...); ``stats["_vector"]`` is all of them as one tensor, in the order of
+    ``reference.PPO_LOSS_STATS``, for one all-reduce.
+    """
+    scalars = (float(cliprange), float(cliprange_value), float(vf_coef), float(kl_coef), kl_estimator)
+    scalars += (
+        None if dual_clip is None else float(dual_clip),
+        None if log_ratio_clamp is None else float(log_ratio_clamp),
+    )
+    scalars += (aggregation, float(ratio_threshold))
+    tensors = (logprobs, vpreds, old_logprobs.detach(), old_values.detach(), advantages.detach(), returns.detach())
+    ref = None if ref_logprobs is None else ref_logprobs.detach()
+    _ops.check_ppo_loss(*tensors, mask, ref, *scalars)
+    fn = _ops.ops.ppo_loss if _use_fused(use_fused) else reference.ppo_loss
+    loss, stats, _ = fn(*tensors, mask, ref, *scalars)
+    named = dict(zip(reference.PPO_LOSS_STATS, stats.unbind(0), strict=True))
+    named["_vector"] = stats
+    return loss, named

@@ -18,6 +18,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "ppo_loss",
     "rollout_advantages",
 ]
 
@@ -206,3 +207,172 @@ def rollout_advantages(
     rewards, non_score, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty)
     adv, ret = compute_advantages(values, rewards, mask, gamma, lam, whiten_rewards, carry_masked)
     return rewards, non_score, kl, adv, ret
+
+
+# ------------------------------------------------------------------------------------------------
+# Clipped PPO loss (TRL 0.11's PPOTrainer.loss, plus a KL-to-reference term, dual clip, log-ratio
+# clamp and loss aggregation modes).
+
+PPO_LOSS_STATS = (
+    "loss/total",
+    "loss/policy",
+    "loss/value",
+    "loss/kl",
+    "policy/clipfrac",
+    "policy/dual_clipfrac",
+    "policy/approxkl",
+    "policy/policykl",
+    "policy/ratio_mean",
+    "policy/ratio_var",
+    "policy/advantages_mean",
+    "returns/mean",
+    "returns/var",
+    "val/vpred",
+    "val/vpred_var",
+    "val/error",
+    "val/clipfrac",
+    "val/mean",
+    "val/var",
+    "ppo/skipped",
+    "ppo/tokens",
+    "ppo/rows",
+)
+
+
+def _token_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def _stat_var(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected masked variance; 0 with fewer than two tokens."""
+    n = m.sum()
+    var = ((x - _token_mean(x, m)).square() * m).sum() / (n - 1).clamp(min=1)
+    return torch.where(n > 1, var, torch.zeros_like(var))
+
+
+def _aggregate(x: torch.Tensor, m: torch.Tensor, aggregation: str) -> torch.Tensor:
+    if aggregation == "token_mean":
+        return _token_mean(x, m)
+    row_n, row_sum = m.sum(-1), (x * m).sum(-1)
+    rows = (row_n > 0).sum().clamp(min=1)
+    if aggregation == "seq_mean_token_mean":
+        return (row_sum / row_n.clamp(min=1)).sum() / rows
+    if aggregation == "seq_mean_token_sum":
+        return row_sum.sum() / rows
+    raise ValueError(
+        f"aggregation must be one of 'token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', got {aggregation!r}"
+    )
+
+
+def _kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    d = logprobs - ref_logprobs
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator == "k3":
+        return torch.exp(-d) + d - 1
+    raise ValueError(f"kl_estimator must be one of 'k1', 'k2', 'k3', got {estimator!r}")
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    vpreds: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    cliprange: float = 0.2,
+    cliprange_value: float = 0.2,
+    vf_coef: float = 0.1,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k1",
+    dual_clip: float | None = None,
+    log_ratio_clamp: float | None = None,
+    aggregation: str = "token_mean",
+    ratio_threshold: float = 10.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRL's clipped PPO loss. [B, T] inputs; gradients flow to ``logprobs`` and ``vpreds``.
+
+    Returns ``(loss, stats, row_scale)``: the scalar loss, the statistics in the order of
+    ``PPO_LOSS_STATS``, and each row's weight d loss / d token term (0 when skipped), all fp32 (fp64
+    for fp64 inputs). When the masked mean ratio exceeds ``ratio_threshold`` the losses are zero (TRL
+    skips the batch), decided without a host synchronisation.
+    """
+    acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    lp, v = logprobs.to(acc), vpreds.to(acc)
+    old, v_old, adv, ret = (x.to(acc) for x in (old_logprobs, old_values, advantages, returns))
+    m = (mask != 0).to(acc)
+
+    log_ratio = lp - old
+    clamped = log_ratio if log_ratio_clamp is None else torch.clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(clamped)
+    pg_losses = -adv * ratio
+    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg = torch.maximum(pg_losses, pg_losses2)
+    dual_clipped = torch.zeros_like(pg, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = -adv * dual_clip
+        dual_clipped = (adv < 0) & (bound < pg)
+        pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
+
+    vpredclipped = torch.clamp(v, v_old - cliprange_value, v_old + cliprange_value)
+    vf_losses1 = (v - ret) ** 2
+    vf_losses2 = (vpredclipped - ret) ** 2
+    vf = 0.5 * torch.maximum(vf_losses1, vf_losses2)
+    if kl_coef != 0.0:
+        kl = _kl_estimate(lp, ref_logprobs.to(acc), kl_estimator)
+    else:
+        kl = torch.zeros_like(lp)
+
+    pg_loss = _aggregate(pg, m, aggregation)
+    vf_loss = _aggregate(vf, m, aggregation)
+    kl_loss = _aggregate(kl, m, aggregation)
+    n = m.sum()
+    ratio_mean = _token_mean(ratio, m)
+    skip = (n > 0) & (ratio_mean > ratio_threshold)
+    zero = torch.zeros_like(pg_loss)
+    pg_loss = torch.where(skip, zero, pg_loss)
+    vf_loss = torch.where(skip, zero, vf_loss)
+    loss = torch.where(skip, zero, pg_loss + vf_coef * vf_loss + kl_coef * kl_loss)
+
+    row_n = m.sum(-1)
+    rows = (row_n > 0).sum()
+    if aggregation == "token_mean":
+        row_scale = torch.where(row_n > 0, 1.0 / n.clamp(min=1), 0.0)
+    elif aggregation == "seq_mean_token_mean":
+        row_scale = torch.where(row_n > 0, 1.0 / (rows.clamp(min=1) * row_n.clamp(min=1)), 0.0)
+    else:
+        row_scale = torch.where(row_n > 0, 1.0 / rows.clamp(min=1), 0.0)
+    row_scale = torch.where(skip, 0.0, row_scale).to(acc)
+
+    with torch.no_grad():
+        stats = torch.stack(
+            [
+                loss,
+                pg_loss,
+                vf_loss,
+                kl_loss,
+                _token_mean((pg_losses2 > pg_losses).to(acc), m),
+                _token_mean(dual_clipped.to(acc), m),
+                0.5 * _token_mean(log_ratio.square(), m),
+                _token_mean(-log_ratio, m),
+                ratio_mean,
+                _stat_var(ratio, m),
+                _token_mean(adv, m),
+                _token_mean(ret, m),
+                _stat_var(ret, m),
+                _token_mean(v, m),
+                _stat_var(v, m),
+                _token_mean((v - ret).square(), m),
+                _token_mean((vf_losses2 > vf_losses1).to(acc), m),
+                _token_mean(v_old, m),
+                _stat_var(v_old, m),
+                skip.to(acc),
+                n,
+                rows.to(acc),
+            ]
+        ).detach()
+    return loss, stats, row_scale

@@ -1,0 +1,430 @@
+// Clipped PPO loss with value clipping and a KL penalty, per token, written once for CPU and CUDA:
+//   r = exp(logp - old);  pg = max(-A r, -A clip(r, 1 - eps, 1 + eps))   [dual clip: min(pg, -A c) if A < 0]
+//   vf = 0.5 max((v - R)^2, (clip(v, v_old - cv, v_old + cv) - R)^2);  kl = k1 | k2 | k3 (logp, ref)
+//   loss = agg(pg) + vf_coef agg(vf) + kl_coef agg(kl)
+// (Schulman et al. 2017; TRL 0.11 PPOTrainer.loss; dual clip: Ye et al. 2020.) The backward is the
+// derivative of the eager formula under autograd, ties included: torch.maximum/minimum send half
+// the gradient to each side of a tie, torch.clamp passes it on both closed boundaries.
+#pragma once
+
+#include <ppo_fast/common.h>
+
+#include <cmath>
+#include <string>
+
+namespace ppo_fast {
+namespace ppo_loss {
+
+enum KlEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2 };
+enum Aggregation : int { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2 };
+
+template <typename T>
+C10_HOST_DEVICE inline T exp_(T x) {
+#ifdef __CUDA_ARCH__
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+struct Params {
+  double cliprange;
+  double cliprange_value;
+  double kl_coef;  // 0: no KL term (ref_logprobs may be absent)
+  int kl_estimator;
+  bool has_dual_clip;
+  double dual_clip;
+  bool has_log_ratio_clamp;
+  double log_ratio_clamp;
+};
+
+// Per-token forward terms (all before masking and aggregation), in the accumulation type T.
+template <typename T>
+struct Token {
+  T pg;         // policy-gradient loss
+  T vf;         // 0.5 * max of the two squared value errors
+  T kl;         // KL-to-reference term (0 without a reference)
+  T ratio;      // exp of the (clamped) log ratio
+  T log_ratio;  // logp - old, unclamped (approxkl, policykl)
+  bool pg_clipped;    // the clipped objective was taken (TRL's pg_losses2 > pg_losses)
+  bool dual_clipped;  // the dual clip bound was taken
+  bool vf_clipped;    // the clipped value error was larger (TRL's vf_losses2 > vf_losses1)
+};
+
+template <typename T>
+C10_HOST_DEVICE inline T clamp_(T x, T lo, T hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T kl_term(T logp, T ref, int estimator) {
+  const T d = logp - ref;
+  switch (estimator) {
+    case kK2:
+      return T(0.5) * d * d;
+    case kK3:
+      return exp_(-d) + d - T(1);
+    default:
+      return d;
+  }
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T kl_term_grad(T logp, T ref, int estimator) {
+  const T d = logp - ref;
+  switch (estimator) {
+    case kK2:
+      return d;
+    case kK3:
+      return T(1) - exp_(-d);
+    default:
+      return T(1);
+  }
+}
+
+template <typename T>
+C10_HOST_DEVICE inline Token<T> token_forward(T logp, T v, T old, T v_old, T adv, T ret, T ref, const Params& p) {
+  Token<T> t;
+  t.log_ratio = logp - old;
+  const T c = static_cast<T>(p.log_ratio_clamp);
+  const T lr = p.has_log_ratio_clamp ? clamp_(t.log_ratio, -c, c) : t.log_ratio;
+  t.ratio = exp_(lr);
+  const T eps = static_cast<T>(p.cliprange);
+  const T pg1 = -adv * t.ratio;
+  const T pg2 = -adv * clamp_(t.ratio, T(1) - eps, T(1) + eps);
+  t.pg_clipped = pg2 > pg1;
+  T pg = pg1 > pg2 ? pg1 : pg2;
+  t.dual_clipped = false;
+  if (p.has_dual_clip && adv < T(0)) {
+    const T bound = -adv * static_cast<T>(p.dual_clip);
+    t.dual_clipped = bound < pg;
+    pg = pg < bound ? pg : bound;
+  }
+  t.pg = pg;
+  const T cv = static_cast<T>(p.cliprange_value);
+  const T vclip = clamp_(v, v_old - cv, v_old + cv);
+  const T e1 = (v - ret) * (v - ret);
+  const T e2 = (vclip - ret) * (vclip - ret);
+  t.vf_clipped = e2 > e1;
+  t.vf = T(0.5) * (e1 > e2 ? e1 : e2);
+  t.kl = p.kl_coef != 0.0 ? kl_term(logp, ref, p.kl_estimator) : T(0);
+  return t;
+}
+
+// Share of the gradient that max(a, b) sends to a (torch.maximum): 1, 0, or 1/2 on a tie.
+template <typename T>
+C10_HOST_DEVICE inline T max_share(T a, T b) {
+  return a > b ? T(1) : (a < b ? T(0) : T(0.5));
+}
+
+// Pass-through of torch.clamp's gradient: 1 on [lo, hi] (closed), else 0.
+template <typename T>
+C10_HOST_DEVICE inline T clamp_pass(T x, T lo, T hi) {
+  return (x >= lo && x <= hi) ? T(1) : T(0);
+}
+
+// d(pg + kl_coef kl)/d logp and d(vf_coef vf)/d v for one token, before the aggregation weight.
+template <typename T>
+C10_HOST_DEVICE inline void token_backward(T logp, T v, T old, T v_old, T adv, T ret, T ref, const Params& p,
+                                           T vf_coef, T& d_logp, T& d_v) {
+  const T log_ratio = logp - old;
+  T lr = log_ratio, d_lr = T(1);
+  if (p.has_log_ratio_clamp) {
+    const T c = static_cast<T>(p.log_ratio_clamp);
+    lr = clamp_(log_ratio, -c, c);
+    d_lr = clamp_pass(log_ratio, -c, c);
+  }
+  const T ratio = exp_(lr);
+  const T eps = static_cast<T>(p.cliprange);
+  const T lo = T(1) - eps, hi = T(1) + eps;
+  const T pg1 = -adv * ratio;
+  const T pg2 = -adv * clamp_(ratio, lo, hi);
+  const T s1 = max_share(pg1, pg2);
+  // d pg / d ratio through both branches of the max.
+  T d_ratio = -adv * (s1 + (T(1) - s1) * clamp_pass(ratio, lo, hi));
+  if (p.has_dual_clip && adv < T(0)) {
+    const T pg = pg1 > pg2 ? pg1 : pg2;
+    // min(pg, bound): pg gets the share of the min that the bound does not.
+    d_ratio *= T(1) - max_share(pg, -adv * static_cast<T>(p.dual_clip));
+  }
+  d_logp = d_ratio * ratio * d_lr;
+  if (p.kl_coef != 0.0) d_logp += static_cast<T>(p.kl_coef) * kl_term_grad(logp, ref, p.kl_estimator);
+
+  const T cv = static_cast<T>(p.cliprange_value);
+  const T lo_v = v_old - cv, hi_v = v_old + cv;
+  const T vclip = clamp_(v, lo_v, hi_v);
+  const T e1 = (v - ret) * (v - ret);
+  const T e2 = (vclip - ret) * (vclip - ret);
+  const T t1 = max_share(e1, e2);
+  // 0.5 * d/dv of each squared error: (v - R), and (vclip - R) times clamp's pass-through.
+  d_v = vf_coef * (t1 * (v - ret) + (T(1) - t1) * (vclip - ret) * clamp_pass(v, lo_v, hi_v));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-chunk partial sums over unmasked tokens, and the statistics built from them.
+
+enum Part : int {
+  kN = 0,
+  kPg,
+  kVf,
+  kKl,
+  kPgClip,
+  kDualClip,
+  kVfClip,
+  kLogRatio2,
+  kNegLogRatio,
+  kAdv,
+  kValueError,
+  kRatioMean,  // moments (chunk mean, M2) follow, pairwise
+  kRatioM2,
+  kReturnsMean,
+  kReturnsM2,
+  kVpredMean,
+  kVpredM2,
+  kValuesMean,
+  kValuesM2,
+  kNumParts
+};
+
+// Layout of the stats vector the op returns (fp32), mirrored by ppo_fast/_ops.py:PPO_LOSS_STATS.
+enum Stat : int {
+  sLossTotal = 0,
+  sLossPolicy,
+  sLossValue,
+  sLossKl,
+  sPolicyClipfrac,
+  sPolicyDualClipfrac,
+  sPolicyApproxkl,
+  sPolicyPolicykl,
+  sPolicyRatioMean,
+  sPolicyRatioVar,
+  sPolicyAdvantagesMean,
+  sReturnsMean,
+  sReturnsVar,
+  sValVpred,
+  sValVpredVar,
+  sValError,
+  sValClipfrac,
+  sValMean,
+  sValVar,
+  sSkipped,
+  sTokens,
+  sRows,
+  kNumStats
+};
+
+// Bessel-corrected variance for statistics; 0 with fewer than two tokens (nothing to spread).
+C10_HOST_DEVICE inline double stat_var(double n, double m2) {
+  return n > 1 ? m2 / (n - 1) : 0.0;
+}
+
+inline int parse_kl_estimator(const char* op, const std::string& s) {
+  if (s == "k1") return kK1;
+  if (s == "k2") return kK2;
+  if (s == "k3") return kK3;
+  TORCH_CHECK(false, op, ": kl_estimator must be one of 'k1', 'k2', 'k3', got '", s, "'");
+  return kK1;
+}
+
+inline int parse_aggregation(const char* op, const std::string& s) {
+  if (s == "token_mean") return kTokenMean;
+  if (s == "seq_mean_token_mean") return kSeqMeanTokenMean;
+  if (s == "seq_mean_token_sum") return kSeqMeanTokenSum;
+  TORCH_CHECK(false, op, ": aggregation must be one of 'token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', got '",
+              s, "'");
+  return kTokenMean;
+}
+
+// Merges partial b into a (sums add; the four (mean, M2) pairs merge with Chan's formula).
+template <typename A, typename B>
+C10_HOST_DEVICE inline void merge_parts(A* a, const B* b) {
+  const double na = a[kN], nb = b[kN];
+  for (int k = 0; k < kRatioMean; ++k) a[k] += b[k];
+  for (int k = kRatioMean; k < kNumParts; k += 2) {
+    const Moments<double> m = moments_merge(Moments<double>{na, double(a[k]), double(a[k + 1])},
+                                            Moments<double>{nb, double(b[k]), double(b[k + 1])});
+    a[k] = m.mean;
+    a[k + 1] = m.m2;
+  }
+}
+
+// Accumulates a group of N tokens into a partial: sums directly; the four moment pairs with an
+// exact local mean then M2, merged into the partial with Chan's formula (no per-token division).
+template <int N, typename T, typename P>
+C10_HOST_DEVICE inline void accumulate(const T (&logp)[N], const T (&v)[N], const T (&old)[N], const T (&v_old)[N],
+                                       const T (&adv)[N], const T (&ret)[N], const T (&ref)[N], const bool (&m)[N],
+                                       const Params& p, P* part) {
+  P loc[kNumParts];
+  for (int k = 0; k < kNumParts; ++k) loc[k] = P(0);
+  T ratio[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const Token<T> t = token_forward<T>(logp[i], v[i], old[i], v_old[i], adv[i], ret[i], ref[i], p);
+    ratio[i] = t.ratio;
+    if (!m[i]) continue;
+    loc[kN] += P(1);
+    loc[kPg] += t.pg;
+    loc[kVf] += t.vf;
+    loc[kKl] += t.kl;
+    loc[kPgClip] += t.pg_clipped ? P(1) : P(0);
+    loc[kDualClip] += t.dual_clipped ? P(1) : P(0);
+    loc[kVfClip] += t.vf_clipped ? P(1) : P(0);
+    loc[kLogRatio2] += t.log_ratio * t.log_ratio;
+    loc[kNegLogRatio] -= t.log_ratio;
+    loc[kAdv] += adv[i];
+    loc[kValueError] += (v[i] - ret[i]) * (v[i] - ret[i]);
+    loc[kRatioMean] += t.ratio;
+    loc[kReturnsMean] += ret[i];
+    loc[kVpredMean] += v[i];
+    loc[kValuesMean] += v_old[i];
+  }
+  if (loc[kN] == P(0)) return;
+  const P inv = P(1) / loc[kN];
+  loc[kRatioMean] *= inv;
+  loc[kReturnsMean] *= inv;
+  loc[kVpredMean] *= inv;
+  loc[kValuesMean] *= inv;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (!m[i]) continue;
+    const P d0 = ratio[i] - loc[kRatioMean], d1 = ret[i] - loc[kReturnsMean];
+    const P d2 = v[i] - loc[kVpredMean], d3 = v_old[i] - loc[kValuesMean];
+    loc[kRatioM2] += d0 * d0;
+    loc[kReturnsM2] += d1 * d1;
+    loc[kVpredM2] += d2 * d2;
+    loc[kValuesM2] += d3 * d3;
+  }
+  merge_parts(part, loc);
+}
+
+// A row's contribution to the aggregated pg / vf / kl sums: token sums (token_mean and
+// seq_mean_token_sum) or their per-token mean (seq_mean_token_mean); rows with no token give none.
+C10_HOST_DEVICE inline void row_contribution(const double* row, int aggregation, double* agg) {
+  const double n = row[kN];
+  if (n <= 0) return;
+  const double w = aggregation == kSeqMeanTokenMean ? 1.0 / n : 1.0;
+  agg[0] += row[kPg] * w;
+  agg[1] += row[kVf] * w;
+  agg[2] += row[kKl] * w;
+}
+
+// Gradient weight of every unmasked token of a row: d loss / d (token term).
+template <typename S>
+C10_HOST_DEVICE inline S row_scale(double n_row, const S* stats, int aggregation) {
+  if (stats[sSkipped] != S(0) || n_row <= 0) return S(0);
+  switch (aggregation) {
+    case kSeqMeanTokenMean:
+      return static_cast<S>(1.0 / (double(stats[sRows]) * n_row));
+    case kSeqMeanTokenSum:
+      return static_cast<S>(1.0 / double(stats[sRows]));
+    default:
+      return static_cast<S>(1.0 / double(stats[sTokens]));
+  }
+}
+
+// The loss and the statistics from the merged totals, the aggregated sums and the number of rows
+// with at least one token. TRL's ratio_threshold: when the mean ratio exceeds it, the losses (and
+// so the gradients) are zero.
+template <typename S>
+C10_HOST_DEVICE inline void finalize(const double* tot, const double* agg, double rows, int aggregation,
+                                     double vf_coef, double kl_coef, double ratio_threshold, S* stats) {
+  const double n = tot[kN];
+  const double inv_n = n > 0 ? 1.0 / n : 0.0;
+  const double inv_agg = aggregation == kTokenMean ? inv_n : (rows > 0 ? 1.0 / rows : 0.0);
+  const bool skip = n > 0 && tot[kRatioMean] > ratio_threshold;
+  const double pg = skip ? 0.0 : agg[0] * inv_agg;
+  const double vf = skip ? 0.0 : agg[1] * inv_agg;
+  const double kl = agg[2] * inv_agg;
+  stats[sLossPolicy] = static_cast<S>(pg);
+  stats[sLossValue] = static_cast<S>(vf);
+  stats[sLossKl] = static_cast<S>(kl);
+  stats[sLossTotal] = skip ? S(0) : static_cast<S>(pg + vf_coef * vf + kl_coef * kl);
+  stats[sPolicyClipfrac] = static_cast<S>(tot[kPgClip] * inv_n);
+  stats[sPolicyDualClipfrac] = static_cast<S>(tot[kDualClip] * inv_n);
+  stats[sPolicyApproxkl] = static_cast<S>(0.5 * tot[kLogRatio2] * inv_n);
+  stats[sPolicyPolicykl] = static_cast<S>(tot[kNegLogRatio] * inv_n);
+  stats[sPolicyRatioMean] = static_cast<S>(tot[kRatioMean]);
+  stats[sPolicyRatioVar] = static_cast<S>(stat_var(n, tot[kRatioM2]));
+  stats[sPolicyAdvantagesMean] = static_cast<S>(tot[kAdv] * inv_n);
+  stats[sReturnsMean] = static_cast<S>(tot[kReturnsMean]);
+  stats[sReturnsVar] = static_cast<S>(stat_var(n, tot[kReturnsM2]));
+  stats[sValVpred] = static_cast<S>(tot[kVpredMean]);
+  stats[sValVpredVar] = static_cast<S>(stat_var(n, tot[kVpredM2]));
+  stats[sValError] = static_cast<S>(tot[kValueError] * inv_n);
+  stats[sValClipfrac] = static_cast<S>(tot[kVfClip] * inv_n);
+  stats[sValMean] = static_cast<S>(tot[kValuesMean]);
+  stats[sValVar] = static_cast<S>(stat_var(n, tot[kValuesM2]));
+  stats[sSkipped] = skip ? S(1) : S(0);
+  stats[sTokens] = static_cast<S>(n);
+  stats[sRows] = static_cast<S>(rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side argument checks, shared by the CPU and CUDA entry points.
+
+struct Tensors {
+  at::Tensor logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref;  // contiguous
+};
+
+inline Tensors check_inputs(const char* op, const at::Tensor& logprobs, const at::Tensor& vpreds,
+                            const at::Tensor& old_logprobs, const at::Tensor& old_values,
+                            const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
+                            const std::optional<at::Tensor>& ref_logprobs, double kl_coef) {
+  check::rank(op, "logprobs", logprobs, 2, "[B, T]");
+  check::floating(op, "logprobs", logprobs);
+  check::nonempty(op, "logprobs", logprobs);
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"vpreds", &vpreds},         {"old_logprobs", &old_logprobs}, {"old_values", &old_values},
+      {"advantages", &advantages}, {"returns", &returns},           {"ref_logprobs", ref_logprobs ? &*ref_logprobs : nullptr}};
+  for (const auto& [name, t] : others) {
+    if (t == nullptr) continue;
+    check::same_device(op, name, *t, "logprobs", logprobs);
+    check::rank(op, name, *t, 2, "[B, T]");
+    check::floating(op, name, *t);
+    check::same_shape(op, name, *t, "logprobs", logprobs);
+    check::same_dtype(op, name, *t, "logprobs", logprobs);
+  }
+  TORCH_CHECK(kl_coef == 0.0 || ref_logprobs.has_value(), op, ": kl_coef is ", kl_coef,
+              " but ref_logprobs is None; pass the reference log-probs or set kl_coef=0");
+  Tensors t{logprobs.contiguous(), vpreds.contiguous(), old_logprobs.contiguous(), old_values.contiguous(),
+            advantages.contiguous(), returns.contiguous(), check::mask(op, mask, "logprobs", logprobs),
+            ref_logprobs ? ref_logprobs->contiguous() : at::Tensor()};
+  return t;
+}
+
+inline Params check_params(const char* op, double cliprange, double cliprange_value, double vf_coef, double kl_coef,
+                           const std::string& kl_estimator, std::optional<double> dual_clip,
+                           std::optional<double> log_ratio_clamp) {
+  check::finite(op, "cliprange", cliprange);
+  check::finite(op, "cliprange_value", cliprange_value);
+  check::finite(op, "vf_coef", vf_coef);
+  check::finite(op, "kl_coef", kl_coef);
+  TORCH_CHECK(cliprange >= 0, op, ": cliprange must be >= 0, got ", cliprange);
+  TORCH_CHECK(cliprange_value >= 0, op, ": cliprange_value must be >= 0, got ", cliprange_value);
+  Params p{};
+  p.cliprange = cliprange;
+  p.cliprange_value = cliprange_value;
+  p.kl_coef = kl_coef;
+  p.kl_estimator = parse_kl_estimator(op, kl_estimator);
+  if (dual_clip) {
+    TORCH_CHECK(std::isfinite(*dual_clip) && *dual_clip > 1.0, op, ": dual_clip must be > 1 (or None), got ",
+                *dual_clip);
+    p.has_dual_clip = true;
+    p.dual_clip = *dual_clip;
+  }
+  if (log_ratio_clamp) {
+    TORCH_CHECK(std::isfinite(*log_ratio_clamp) && *log_ratio_clamp > 0.0, op,
+                ": log_ratio_clamp must be > 0 (or None), got ", *log_ratio_clamp);
+    p.has_log_ratio_clamp = true;
+    p.log_ratio_clamp = *log_ratio_clamp;
+  }
+  return p;
+}
+
+inline void check_ratio_threshold(const char* op, double ratio_threshold) {
+  TORCH_CHECK(!std::isnan(ratio_threshold) && ratio_threshold > 0, op,
+              ": ratio_threshold must be > 0 (inf disables it), got ", ratio_threshold);
+}
+
+}  // namespace ppo_loss
+}  // namespace ppo_fast
