@@ -40,7 +40,31 @@ def gae_workload() -> int:
     return bad
 
 
+def ppo_loss_workload() -> int:
+    bad = 0
+    g = torch.Generator().manual_seed(1)
+    for B, T in [(3, 7), (2, 1031), (5, 2048)]:  # ragged chunks, several chunks per row, vector path
+        for dtype in (torch.float32, torch.bfloat16):
+            old, v_old, adv, ret = (torch.randn(B, T, generator=g).to(dtype) for _ in range(4))
+            lp = (old.float() + 0.1 * torch.randn(B, T, generator=g)).to(dtype)
+            v = (v_old.float() + 0.3 * torch.randn(B, T, generator=g)).to(dtype)
+            ref = (lp.float() + 0.1 * torch.randn(B, T, generator=g)).to(dtype)
+            m = torch.rand(B, T, generator=g) > 0.3
+            for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"):
+                kw = dict(kl_coef=0.1, kl_estimator="k3", dual_clip=3.0, aggregation=agg)
+                outs = []
+                for dev in ("cpu", "cuda"):
+                    x = [t.to(dev).requires_grad_(i < 2) for i, t in enumerate((lp, v, old, v_old, adv, ret))]
+                    loss, stats = F.ppo_loss(*x, m.to(dev), ref.to(dev), **kw)
+                    grads = torch.autograd.grad(loss, x[:2])
+                    outs.append([loss, stats["_vector"], *grads])
+                for x, y in zip(*outs):
+                    bad += not torch.allclose(x.cpu().float(), y.float(), rtol=2e-2, atol=2e-2)
+    torch.cuda.synchronize()
+    return bad
+
+
 if __name__ == "__main__":
-    bad = gae_workload()
+    bad = gae_workload() + ppo_loss_workload()
     print(f"sanitize workload: {bad} mismatches")
     raise SystemExit(1 if bad else 0)

@@ -14,7 +14,7 @@ namespace ppo_fast {
 namespace ppo_loss {
 namespace {
 
-constexpr int kGroup = 8;
+constexpr int kGroup = 64;  // tokens per accumulate(): one moment merge per group
 
 template <typename scalar_t, typename mask_t>
 struct Rows {
@@ -98,7 +98,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_cpu(
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t t0 = 0; t0 < rows.T; t0 += kGroup) {
           rows.load(b, t0, lp, vp, o, vo, a, r, rf, m);
-          accumulate<kGroup, acc_t, double>(lp, vp, o, vo, a, r, rf, m, p, &parts[b * kNumParts]);
+          // The group in the accumulation dtype, merged into the row's fp64 partial.
+          acc_t group[kNumParts] = {};
+          accumulate<kGroup, acc_t, acc_t>(lp, vp, o, vo, a, r, rf, m, p, group);
+          merge_parts(&parts[b * kNumParts], group);
         }
       }
     });

@@ -257,11 +257,11 @@ C10_HOST_DEVICE inline void accumulate(const T (&logp)[N], const T (&v)[N], cons
   P loc[kNumParts];
   for (int k = 0; k < kNumParts; ++k) loc[k] = P(0);
   T ratio[N];
-#pragma unroll
   for (int i = 0; i < N; ++i) {
+    ratio[i] = T(0);
+    if (!m[i]) continue;
     const Token<T> t = token_forward<T>(logp[i], v[i], old[i], v_old[i], adv[i], ret[i], ref[i], p);
     ratio[i] = t.ratio;
-    if (!m[i]) continue;
     loc[kN] += P(1);
     loc[kPg] += t.pg;
     loc[kVf] += t.vf;
@@ -284,7 +284,6 @@ C10_HOST_DEVICE inline void accumulate(const T (&logp)[N], const T (&v)[N], cons
   loc[kReturnsMean] *= inv;
   loc[kVpredMean] *= inv;
   loc[kValuesMean] *= inv;
-#pragma unroll
   for (int i = 0; i < N; ++i) {
     if (!m[i]) continue;
     const P d0 = ratio[i] - loc[kRatioMean], d1 = ret[i] - loc[kReturnsMean];

@@ -1,0 +1,291 @@
+// CUDA kernels for the clipped PPO loss: loss = agg(max(-A r, -A clip(r))) + vf_coef agg(vf) + kl_coef agg(kl).
+//
+// Forward, two launches, no host synchronisation, deterministic:
+//   1. partials_kernel: one warp per (row, chunk of kChunk tokens) accumulates the per-token terms
+//      of ppo_loss.h into fp32 partial sums and moments, merges its lanes in a fixed tree, and
+//      writes one partial (structure of arrays, [kNumParts, B * C]).
+//   2. finalize_kernel: one block merges each row's chunks, then the rows, in a fixed order in
+//      fp64; writes the loss, the statistics (ratio_threshold decided here, on the device) and the
+//      per-row gradient weight row_scale.
+// Backward, one launch: backward_kernel is elementwise, d/d(logp, v) of the token terms times
+// grad_loss * row_scale[b].
+#include <ppo_fast/cuda_common.cuh>
+#include <ppo_fast/ppo_loss.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace ppo_fast {
+namespace ppo_loss {
+namespace {
+
+using namespace ppo_fast::cuda;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kChunk = 4 * 32 * kItems;  // tokens per warp work item (4 passes of 256)
+constexpr int kFinalizeThreads = 256;  // one block; 1024 threads would cap registers at 64 and spill
+
+template <typename scalar_t, typename mask_t>
+struct Args {
+  int64_t B, T, C;  // C chunks per row
+  bool vec;
+  const scalar_t *logp, *v, *old, *v_old, *adv, *ret, *ref;  // ref may be null
+  const mask_t* mask;
+  Params p;
+};
+
+template <typename scalar_t, typename mask_t>
+__device__ __forceinline__ void load_token_items(const Args<scalar_t, mask_t>& a, int64_t o, int64_t t0,
+                                                 float (&lp)[kItems], float (&v)[kItems], float (&old)[kItems],
+                                                 float (&v_old)[kItems], float (&adv)[kItems], float (&ret)[kItems],
+                                                 float (&ref)[kItems], bool (&m)[kItems]) {
+  load_mask(a.mask + o, t0, a.T, a.vec, m);
+  load_items(a.logp + o, t0, a.T, a.vec, lp, 0.f);
+  load_items(a.v + o, t0, a.T, a.vec, v, 0.f);
+  load_items(a.old + o, t0, a.T, a.vec, old, 0.f);
+  load_items(a.v_old + o, t0, a.T, a.vec, v_old, 0.f);
+  load_items(a.adv + o, t0, a.T, a.vec, adv, 0.f);
+  load_items(a.ret + o, t0, a.T, a.vec, ret, 0.f);
+  if (a.ref) {
+    load_items(a.ref + o, t0, a.T, a.vec, ref, 0.f);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) ref[i] = 0.f;
+  }
+}
+
+template <typename scalar_t, typename mask_t>
+__global__ void __launch_bounds__(kThreads) partials_kernel(const Args<scalar_t, mask_t> a, float* __restrict__ parts) {
+  const int lane = threadIdx.x & 31;
+  const int64_t w = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t P = a.B * a.C;
+  if (w >= P) return;  // whole warps leave together
+  const int64_t b = w / a.C, c = w % a.C, o = b * a.T;
+  float part[kNumParts];
+#pragma unroll
+  for (int k = 0; k < kNumParts; ++k) part[k] = 0.f;
+  for (int pass = 0; pass < kChunk / (32 * kItems); ++pass) {
+    const int64_t t0 = c * kChunk + (int64_t(pass) * 32 + lane) * kItems;
+    if (t0 >= a.T) break;
+    float lp[kItems], v[kItems], old[kItems], v_old[kItems], adv[kItems], ret[kItems], ref[kItems];
+    bool m[kItems];
+    load_token_items(a, o, t0, lp, v, old, v_old, adv, ret, ref, m);
+    accumulate<kItems, float, float>(lp, v, old, v_old, adv, ret, ref, m, a.p, part);
+  }
+  // Fixed-order tree over the lanes: lane 0 ends with the warp's partial.
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    float other[kNumParts];
+#pragma unroll
+    for (int k = 0; k < kNumParts; ++k) other[k] = __shfl_down_sync(kFull, part[k], off);
+    if (lane + off < 32) merge_parts(part, other);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < kNumParts; ++k) parts[int64_t(k) * P + w] = part[k];
+  }
+}
+
+// Sum of the entries the block's threads hold (fp64), in a fixed order; `partial` arrays of n
+// doubles, with merge(into, from) combining two. The result lands in thread 0's `acc`.
+template <int N, typename Merge>
+__device__ void block_merge(double (&acc)[N], double* smem, Merge merge) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    double other[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) other[k] = __shfl_down_sync(kFull, acc[k], off);
+    if (lane + off < 32) merge(acc, other);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) smem[warp * N + k] = acc[k];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int j = 1; j < kFinalizeThreads / 32; ++j) merge(acc, &smem[j * N]);
+  }
+}
+
+// Per thread: [0, kNumParts) merged totals, then agg (3), then the number of non-empty rows.
+constexpr int kAcc = kNumParts + 4;
+
+struct MergeAcc {
+  __device__ void operator()(double* into, const double* from) const {
+    merge_parts(into, from);
+    for (int k = kNumParts; k < kAcc; ++k) into[k] += from[k];
+  }
+};
+
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const float* __restrict__ parts, int64_t B, int64_t C, int aggregation, double vf_coef,
+                    double kl_coef, double ratio_threshold, float* __restrict__ loss, float* __restrict__ stats,
+                    float* __restrict__ row_scale_out) {
+  __shared__ double smem[kFinalizeThreads / 32 * kAcc];
+  __shared__ float st[kNumStats];
+  const int64_t P = B * C;
+  double acc[kAcc];
+#pragma unroll
+  for (int k = 0; k < kAcc; ++k) acc[k] = 0.0;
+  for (int64_t b = threadIdx.x; b < B; b += kFinalizeThreads) {
+    double row[kNumParts];
+#pragma unroll
+    for (int k = 0; k < kNumParts; ++k) row[k] = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      float chunk[kNumParts];
+#pragma unroll
+      for (int k = 0; k < kNumParts; ++k) chunk[k] = parts[int64_t(k) * P + b * C + c];
+      merge_parts(row, chunk);
+    }
+    merge_parts(acc, row);
+    row_contribution(row, aggregation, &acc[kNumParts]);
+    acc[kNumParts + 3] += row[kN] > 0 ? 1.0 : 0.0;
+  }
+  block_merge<kAcc>(acc, smem, MergeAcc{});
+  if (threadIdx.x == 0) {
+    finalize(acc, &acc[kNumParts], acc[kNumParts + 3], aggregation, vf_coef, kl_coef, ratio_threshold, st);
+    for (int k = 0; k < kNumStats; ++k) stats[k] = st[k];
+    *loss = st[sLossTotal];
+  }
+  __syncthreads();
+  for (int64_t b = threadIdx.x; b < B; b += kFinalizeThreads) {
+    double n = 0.0;
+    for (int64_t c = 0; c < C; ++c) n += parts[int64_t(kN) * P + b * C + c];
+    row_scale_out[b] = row_scale(n, st, aggregation);
+  }
+}
+
+template <typename scalar_t, typename mask_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const Args<scalar_t, mask_t> a, const float* __restrict__ grad_loss,
+                    const float* __restrict__ row_scale, float vf_coef, scalar_t* __restrict__ d_logp,
+                    scalar_t* __restrict__ d_v) {
+  const int lane = threadIdx.x & 31;
+  const int64_t w = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (w >= a.B * a.C) return;
+  const int64_t b = w / a.C, c = w % a.C, o = b * a.T;
+  const float scale = *grad_loss * row_scale[b];
+  for (int pass = 0; pass < kChunk / (32 * kItems); ++pass) {
+    const int64_t t0 = c * kChunk + (int64_t(pass) * 32 + lane) * kItems;
+    if (t0 >= a.T) break;
+    float lp[kItems], v[kItems], old[kItems], v_old[kItems], adv[kItems], ret[kItems], ref[kItems];
+    bool m[kItems];
+    load_token_items(a, o, t0, lp, v, old, v_old, adv, ret, ref, m);
+    float gl[kItems], gv[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      float dl = 0.f, dv = 0.f;
+      if (m[i] && scale != 0.f) token_backward<float>(lp[i], v[i], old[i], v_old[i], adv[i], ret[i], ref[i], a.p, vf_coef, dl, dv);
+      gl[i] = dl * scale;
+      gv[i] = dv * scale;
+    }
+    store_items(d_logp + o, t0, a.T, a.vec, gl);
+    store_items(d_v + o, t0, a.T, a.vec, gv);
+  }
+}
+
+template <typename scalar_t, typename mask_t>
+Args<scalar_t, mask_t> make_args(const Tensors& t, const Params& p) {
+  Args<scalar_t, mask_t> a{};
+  a.B = t.logprobs.size(0);
+  a.T = t.logprobs.size(1);
+  a.C = (a.T + kChunk - 1) / kChunk;
+  a.logp = t.logprobs.data_ptr<scalar_t>();
+  a.v = t.vpreds.data_ptr<scalar_t>();
+  a.old = t.old_logprobs.data_ptr<scalar_t>();
+  a.v_old = t.old_values.data_ptr<scalar_t>();
+  a.adv = t.advantages.data_ptr<scalar_t>();
+  a.ret = t.returns.data_ptr<scalar_t>();
+  a.ref = t.ref.defined() ? t.ref.data_ptr<scalar_t>() : nullptr;
+  a.mask = t.mask.data_ptr<mask_t>();
+  a.p = p;
+  const size_t bytes = sizeof(scalar_t) * kItems;
+  a.vec = a.T % kItems == 0 && aligned(a.mask, sizeof(mask_t) * kItems) && aligned(a.logp, bytes) &&
+          aligned(a.v, bytes) && aligned(a.old, bytes) && aligned(a.v_old, bytes) && aligned(a.adv, bytes) &&
+          aligned(a.ret, bytes) && aligned(a.ref, bytes);
+  return a;
+}
+
+int64_t work_blocks(int64_t B, int64_t C) {
+  return (B * C + kWarps - 1) / kWarps;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_cuda(
+    const at::Tensor& logprobs, const at::Tensor& vpreds, const at::Tensor& old_logprobs,
+    const at::Tensor& old_values, const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
+    const std::optional<at::Tensor>& ref_logprobs, double cliprange, double cliprange_value, double vf_coef,
+    double kl_coef, c10::string_view kl_estimator, std::optional<double> dual_clip,
+    std::optional<double> log_ratio_clamp, c10::string_view aggregation, double ratio_threshold) {
+  const char* op = "ppo_loss";
+  const Params p = check_params(op, cliprange, cliprange_value, vf_coef, kl_coef, std::string(kl_estimator), dual_clip,
+                                log_ratio_clamp);
+  const int agg_mode = parse_aggregation(op, std::string(aggregation));
+  check_ratio_threshold(op, ratio_threshold);
+  const Tensors t =
+      check_inputs(op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, kl_coef);
+  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const int64_t B = logprobs.size(0), T = logprobs.size(1), C = (T + kChunk - 1) / kChunk;
+  const auto f32 = logprobs.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({}, f32), stats = at::empty({kNumStats}, f32), scale = at::empty({B}, f32);
+  at::Tensor parts = at::empty({kNumParts, B * C}, f32);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(op, t.logprobs, t.mask, [&](auto s, auto mk) {
+    using scalar_t = decltype(s);
+    using mask_t = decltype(mk);
+    const auto a = make_args<scalar_t, mask_t>(t, p);
+    partials_kernel<<<work_blocks(B, C), kThreads, 0, stream>>>(a, parts.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(parts.data_ptr<float>(), B, C, agg_mode, vf_coef, kl_coef,
+                                                      ratio_threshold, loss.data_ptr<float>(), stats.data_ptr<float>(),
+                                                      scale.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, stats, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_loss_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& row_scale_t, const at::Tensor& logprobs, const at::Tensor& vpreds,
+    const at::Tensor& old_logprobs, const at::Tensor& old_values, const at::Tensor& advantages,
+    const at::Tensor& returns, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs, double cliprange,
+    double cliprange_value, double vf_coef, double kl_coef, c10::string_view kl_estimator,
+    std::optional<double> dual_clip, std::optional<double> log_ratio_clamp) {
+  const char* op = "ppo_loss_backward";
+  const Params p = check_params(op, cliprange, cliprange_value, vf_coef, kl_coef, std::string(kl_estimator), dual_clip,
+                                log_ratio_clamp);
+  const Tensors t =
+      check_inputs(op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, kl_coef);
+  const int64_t B = logprobs.size(0), T = logprobs.size(1), C = (T + kChunk - 1) / kChunk;
+  TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ",
+              check::shape_str(grad_loss));
+  TORCH_CHECK(row_scale_t.dim() == 1 && row_scale_t.size(0) == B, op, ": row_scale must be [B] with B = ", B,
+              ", got ", check::shape_str(row_scale_t));
+  check::same_device(op, "grad_loss", grad_loss, "logprobs", logprobs);
+  check::same_device(op, "row_scale", row_scale_t, "logprobs", logprobs);
+  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), scale = row_scale_t.to(at::kFloat).contiguous();
+  at::Tensor d_logp = at::empty_like(t.logprobs), d_v = at::empty_like(t.logprobs);
+  dispatch(op, t.logprobs, t.mask, [&](auto s, auto mk) {
+    using scalar_t = decltype(s);
+    using mask_t = decltype(mk);
+    const auto a = make_args<scalar_t, mask_t>(t, p);
+    backward_kernel<<<work_blocks(B, C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        a, g.data_ptr<float>(), scale.data_ptr<float>(), static_cast<float>(vf_coef), d_logp.data_ptr<scalar_t>(),
+        d_v.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {d_logp, d_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ppo_fast, CUDA, m) {
+  m.impl("ppo_loss", &ppo_loss_cuda);
+  m.impl("ppo_loss_backward", &ppo_loss_backward_cuda);
+}
+
+}  // namespace ppo_loss
+}  // namespace ppo_fast
