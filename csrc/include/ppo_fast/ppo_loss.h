@@ -254,45 +254,46 @@ template <int N, typename T, typename P>
 C10_HOST_DEVICE inline void accumulate(const T (&logp)[N], const T (&v)[N], const T (&old)[N], const T (&v_old)[N],
                                        const T (&adv)[N], const T (&ret)[N], const T (&ref)[N], const bool (&m)[N],
                                        const Params& p, P* part) {
-  P loc[kNumParts];
-  for (int k = 0; k < kNumParts; ++k) loc[k] = P(0);
+  // Named scalars rather than an array, so the compiler keeps every running sum in a register.
+  P n = 0, pg = 0, vf = 0, kl = 0, pg_clip = 0, dual_clip = 0, vf_clip = 0, lr2 = 0, neg_lr = 0, sum_adv = 0;
+  P value_error = 0, sum_ratio = 0, sum_ret = 0, sum_v = 0, sum_v_old = 0;
   T ratio[N];
   for (int i = 0; i < N; ++i) {
     ratio[i] = T(0);
     if (!m[i]) continue;
     const Token<T> t = token_forward<T>(logp[i], v[i], old[i], v_old[i], adv[i], ret[i], ref[i], p);
     ratio[i] = t.ratio;
-    loc[kN] += P(1);
-    loc[kPg] += t.pg;
-    loc[kVf] += t.vf;
-    loc[kKl] += t.kl;
-    loc[kPgClip] += t.pg_clipped ? P(1) : P(0);
-    loc[kDualClip] += t.dual_clipped ? P(1) : P(0);
-    loc[kVfClip] += t.vf_clipped ? P(1) : P(0);
-    loc[kLogRatio2] += t.log_ratio * t.log_ratio;
-    loc[kNegLogRatio] -= t.log_ratio;
-    loc[kAdv] += adv[i];
-    loc[kValueError] += (v[i] - ret[i]) * (v[i] - ret[i]);
-    loc[kRatioMean] += t.ratio;
-    loc[kReturnsMean] += ret[i];
-    loc[kVpredMean] += v[i];
-    loc[kValuesMean] += v_old[i];
+    n += P(1);
+    pg += t.pg;
+    vf += t.vf;
+    kl += t.kl;
+    pg_clip += t.pg_clipped ? P(1) : P(0);
+    dual_clip += t.dual_clipped ? P(1) : P(0);
+    vf_clip += t.vf_clipped ? P(1) : P(0);
+    lr2 += t.log_ratio * t.log_ratio;
+    neg_lr -= t.log_ratio;
+    sum_adv += adv[i];
+    value_error += (v[i] - ret[i]) * (v[i] - ret[i]);
+    sum_ratio += t.ratio;
+    sum_ret += ret[i];
+    sum_v += v[i];
+    sum_v_old += v_old[i];
   }
-  if (loc[kN] == P(0)) return;
-  const P inv = P(1) / loc[kN];
-  loc[kRatioMean] *= inv;
-  loc[kReturnsMean] *= inv;
-  loc[kVpredMean] *= inv;
-  loc[kValuesMean] *= inv;
+  if (n == P(0)) return;
+  const P inv = P(1) / n;
+  const P mean_ratio = sum_ratio * inv, mean_ret = sum_ret * inv, mean_v = sum_v * inv, mean_v_old = sum_v_old * inv;
+  P m2_ratio = 0, m2_ret = 0, m2_v = 0, m2_v_old = 0;
   for (int i = 0; i < N; ++i) {
     if (!m[i]) continue;
-    const P d0 = ratio[i] - loc[kRatioMean], d1 = ret[i] - loc[kReturnsMean];
-    const P d2 = v[i] - loc[kVpredMean], d3 = v_old[i] - loc[kValuesMean];
-    loc[kRatioM2] += d0 * d0;
-    loc[kReturnsM2] += d1 * d1;
-    loc[kVpredM2] += d2 * d2;
-    loc[kValuesM2] += d3 * d3;
+    const P d0 = ratio[i] - mean_ratio, d1 = ret[i] - mean_ret, d2 = v[i] - mean_v, d3 = v_old[i] - mean_v_old;
+    m2_ratio += d0 * d0;
+    m2_ret += d1 * d1;
+    m2_v += d2 * d2;
+    m2_v_old += d3 * d3;
   }
+  const P loc[kNumParts] = {n,       pg,          vf,         kl,         pg_clip,  dual_clip,  vf_clip,
+                            lr2,     neg_lr,      sum_adv,    value_error, mean_ratio, m2_ratio, mean_ret,
+                            m2_ret,  mean_v,      m2_v,       mean_v_old, m2_v_old};
   merge_parts(part, loc);
 }
 
