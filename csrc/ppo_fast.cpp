@@ -43,4 +43,15 @@ TORCH_LIBRARY(ppo_fast, m) {
       "Tensor old_values, Tensor advantages, Tensor returns, Tensor mask, Tensor? ref_logprobs, float cliprange, "
       "float cliprange_value, float vf_coef, float kl_coef, str kl_estimator, float? dual_clip, "
       "float? log_ratio_clamp) -> (Tensor grad_logprobs, Tensor grad_vpreds)");
+
+  // moments: running reward moments, normalisation and clipping (csrc/include/ppo_fast/moments.h).
+  // Batch moments and states are float64 [4]: (count, mean, M2, non-finite) / (count, mean, M2, rejected).
+  m.def("moments(Tensor x, Tensor? mask) -> Tensor");
+  m.def("moments_merge_(Tensor(a!) state, Tensor batches) -> ()");
+  m.def(
+      "moments_normalize(Tensor x, Tensor? mask, Tensor state, bool scale, bool center, float? clip, float eps) "
+      "-> Tensor");
+  m.def(
+      "moments_update_normalize_(Tensor(a!) state, Tensor x, Tensor? mask, bool scale, bool center, float? clip, "
+      "float eps) -> (Tensor out, Tensor batch)");
 }

@@ -235,6 +235,42 @@ def check_ppo_loss(
     )
 
 
+def check_moments_x(op: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    _floating(op, "x", x)
+    _device_dtype(op, "x", x)
+    _nonempty(op, "x", x)
+    if mask is not None:
+        _check_mask(op, mask, "x", x)
+
+
+def check_moments_state(op: str, state: torch.Tensor, x: torch.Tensor) -> None:
+    _same_device(op, "state", state, "x", x)
+    if state.dtype != torch.float64 or state.dim() != 1 or state.shape[0] != 4:
+        raise RuntimeError(
+            f"{op}: state must be float64 [4] (count, mean, M2, rejected), got {state.dtype} {_shape(state)}"
+        )
+    if not state.is_contiguous():
+        raise RuntimeError(f"{op}: state must be contiguous")
+
+
+def check_moments_normalize(op: str, clip: float | None, eps: float) -> None:
+    if not (math.isfinite(eps) and eps >= 0):
+        raise RuntimeError(f"{op}: eps must be finite and >= 0, got {eps}")
+    if clip is not None and not (clip > 0):
+        raise RuntimeError(f"{op}: clip must be > 0 (or None), got {clip}")
+
+
+def check_moments_merge(state: torch.Tensor, batches: torch.Tensor) -> None:
+    op = "moments_merge_"
+    check_moments_state(op, state, state)
+    _same_device(op, "batches", batches, "state", state)
+    if batches.dtype != torch.float64 or batches.dim() != 2 or batches.shape[1] != 4:
+        raise RuntimeError(
+            f"{op}: batches must be float64 [K, 4] (count, mean, M2, non-finite per batch), got "
+            f"{batches.dtype} {_shape(batches)}"
+        )
+
+
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -307,5 +343,30 @@ if HAS_EXT:
         return (d_logprobs, d_vpreds) + (None,) * 15
 
     torch.library.register_autograd("ppo_fast::ppo_loss", _ppo_loss_backward, setup_context=_ppo_loss_setup_context)
+
+    @torch.library.register_fake("ppo_fast::moments")
+    def _(x, mask):
+        check_moments_x("moments", x, mask)
+        return x.new_empty((4,), dtype=torch.float64)
+
+    @torch.library.register_fake("ppo_fast::moments_merge_")
+    def _(state, batches):
+        check_moments_merge(state, batches)
+
+    @torch.library.register_fake("ppo_fast::moments_normalize")
+    def _(x, mask, state, scale, center, clip, eps):
+        op = "moments_normalize"
+        check_moments_x(op, x, mask)
+        check_moments_state(op, state, x)
+        check_moments_normalize(op, clip, eps)
+        return _empty(x)
+
+    @torch.library.register_fake("ppo_fast::moments_update_normalize_")
+    def _(state, x, mask, scale, center, clip, eps):
+        op = "moments_update_normalize_"
+        check_moments_x(op, x, mask)
+        check_moments_state(op, state, x)
+        check_moments_normalize(op, clip, eps)
+        return _empty(x), x.new_empty((4,), dtype=torch.float64)
 else:
     ops = None

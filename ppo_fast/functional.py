@@ -21,6 +21,10 @@ __all__ = [
     "fused_available",
     "gae",
     "masked_whiten",
+    "moments",
+    "moments_merge_",
+    "moments_normalize",
+    "moments_update_normalize_",
     "ppo_loss",
     "rollout_advantages",
 ]
@@ -221,3 +225,68 @@ def ppo_loss(
     named = dict(zip(reference.PPO_LOSS_STATS, stats.unbind(0), strict=True))
     named["_vector"] = stats
     return loss, named
+
+
+def moments(x: torch.Tensor, mask: torch.Tensor | None = None, *, use_fused: bool | None = None) -> torch.Tensor:
+    """A batch's moments ``(count, mean, M2, non-finite)`` as float64 [4], over the entries where
+    ``mask`` is non-zero (all when None). Non-finite values are counted apart, not in the moments.
+    ``x`` of any shape (fp32, bf16, fp16; fp64 on CPU); ``mask`` of x's shape."""
+    _ops.check_moments_x("moments", x, mask)
+    fn = _ops.ops.moments if _use_fused(use_fused) else reference.moments
+    return fn(x.detach(), mask)
+
+
+def moments_merge_(state: torch.Tensor, batches: torch.Tensor, *, use_fused: bool | None = None) -> torch.Tensor:
+    """Merges ``batches`` [K, 4] (e.g. one per process, in rank order) into the running ``state``
+    [4] = (count, mean, M2, rejected), in place, with Chan's formula in fp64. If any batch holds a
+    non-finite value nothing is merged and ``rejected`` grows by one. Returns ``state``."""
+    _ops.check_moments_merge(state, batches)
+    fn = _ops.ops.moments_merge_ if _use_fused(use_fused) else reference.moments_merge_
+    fn(state, batches)
+    return state
+
+
+def moments_normalize(
+    x: torch.Tensor,
+    state: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: bool = True,
+    center: bool = False,
+    clip: float | None = None,
+    eps: float = reference.MOMENTS_EPS,
+    use_fused: bool | None = None,
+) -> torch.Tensor:
+    """``x / (std + eps)`` with the running std (Bessel-corrected; 1 below two samples) when
+    ``scale``; ``x - mean`` first when ``center``; then clipped to ``[-clip, clip]``. Entries where
+    ``mask`` is zero pass through unchanged. Returns x's dtype and shape."""
+    op = "moments_normalize"
+    clip = None if clip is None else float(clip)
+    _ops.check_moments_x(op, x, mask)
+    _ops.check_moments_state(op, state, x)
+    _ops.check_moments_normalize(op, clip, float(eps))
+    fn = _ops.ops.moments_normalize if _use_fused(use_fused) else reference.moments_normalize
+    return fn(x.detach(), mask, state, bool(scale), bool(center), clip, float(eps))
+
+
+def moments_update_normalize_(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: bool = True,
+    center: bool = False,
+    clip: float | None = None,
+    eps: float = reference.MOMENTS_EPS,
+    use_fused: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x``'s moments into ``state`` (in place), then ``moments_normalize`` with the updated
+    state: one process's whole score scaling / normalisation / clipping, two CUDA launches and no
+    host synchronisation. Returns ``(normalised x, batch moments [4])``."""
+    op = "moments_update_normalize_"
+    clip = None if clip is None else float(clip)
+    _ops.check_moments_x(op, x, mask)
+    _ops.check_moments_state(op, state, x)
+    _ops.check_moments_normalize(op, clip, float(eps))
+    fn = _ops.ops.moments_update_normalize_ if _use_fused(use_fused) else reference.moments_update_normalize_
+    return fn(state, x.detach(), mask, bool(scale), bool(center), clip, float(eps))

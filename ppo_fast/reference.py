@@ -18,6 +18,10 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "moments",
+    "moments_merge_",
+    "moments_normalize",
+    "moments_update_normalize_",
     "ppo_loss",
     "rollout_advantages",
 ]
@@ -376,3 +380,87 @@ def ppo_loss(
             ]
         ).detach()
     return loss, stats, row_scale
+
+
+# ------------------------------------------------------------------------------------------------
+# Running reward moments (TRL's RunningMoments, with fp64 state, Chan merges, std 1 below two
+# samples, and batches holding NaN or inf rejected instead of merged).
+
+MOMENTS_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def moments(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A batch's ``(count, mean, M2, non-finite)`` as float64 [4] over the entries where ``mask`` is
+    non-zero (all when None); non-finite values are counted apart and left out of the moments."""
+    xs = x.double()
+    sel = torch.ones_like(xs, dtype=torch.bool) if mask is None else mask != 0
+    finite = torch.isfinite(xs)
+    use = sel & finite
+    n = use.sum().double()
+    mean = torch.where(use, xs, 0.0).sum() / n.clamp(min=1)
+    m2 = torch.where(use, xs - mean, 0.0).square().sum()
+    return torch.stack([n, mean, m2, (sel & ~finite).sum().double()])
+
+
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    w = torch.where(n > 0, n_b / n.clamp(min=1e-300), 0.0)
+    return n, mean_a + delta * w, m2_a + m2_b + delta.square() * n_a * w
+
+
+def moments_merge_(state: torch.Tensor, batches: torch.Tensor) -> None:
+    """Merges ``batches`` [K, 4] (in order) into ``state`` [4] = (count, mean, M2, rejected), in place;
+    if any batch holds a non-finite value nothing is merged and ``rejected`` grows by one."""
+    n, mean, m2 = state[0], state[1], state[2]
+    for b in batches:
+        n, mean, m2 = _chan(n, mean, m2, b[0], b[1], b[2])
+    bad = batches[:, 3].sum() > 0
+    new = torch.stack([n, mean, m2, state[3]])
+    rejected = state.clone()
+    rejected[3] += 1
+    state.copy_(torch.where(bad, rejected, new))
+
+
+def running_std(state: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected std of a state or batch; 1 with fewer than two samples (TRL: inf)."""
+    return torch.where(state[0] > 1, (state[2] / (state[0] - 1).clamp(min=1)).sqrt(), torch.ones_like(state[2]))
+
+
+def moments_normalize(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    state: torch.Tensor,
+    scale: bool = True,
+    center: bool = False,
+    clip: float | None = None,
+    eps: float = MOMENTS_EPS,
+) -> torch.Tensor:
+    """``x / (std + eps)`` (``scale``), minus the running mean first (``center``), then clipped to
+    ``[-clip, clip]``; entries where ``mask`` is zero pass through unchanged."""
+    y = x.float()
+    if center:
+        y = y - state[1].float()
+    if scale:
+        y = y * (1.0 / (running_std(state) + eps)).float()
+    if clip is not None:
+        y = y.clamp(-clip, clip)
+    if mask is not None:
+        y = torch.where(mask != 0, y, x.float())
+    return y.to(x.dtype)
+
+
+def moments_update_normalize_(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: bool = True,
+    center: bool = False,
+    clip: float | None = None,
+    eps: float = MOMENTS_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x``'s moments into ``state`` (in place), then normalise ``x`` with the updated state.
+    Returns ``(normalised x, batch moments [4])``."""
+    batch = moments(x, mask)
+    moments_merge_(state, batch[None])
+    return moments_normalize(x, mask, state, scale, center, clip, eps), batch

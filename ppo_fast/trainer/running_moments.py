@@ -1,0 +1,169 @@
+"""Running moments of rewards for score scaling, normalisation and clipping (TRL's
+``RunningMoments``, done properly).
+
+State lives on the device as one float64 buffer ``(count, mean, M2, rejected)``, so it follows
+``.to(device)`` and saves and loads with ``state_dict``. Batches merge with Chan's parallel formula
+(no cancellation for scores far from zero). Across processes each update gathers every rank's batch
+moments once and merges them in rank order, so all ranks hold bit-identical state. The running std
+is Bessel-corrected and 1 until two samples were seen (TRL's is infinite then), and a batch holding
+NaN or inf is either refused with an error naming its positions (``validate=True``, one host
+synchronisation) or, without validation, skipped on the device and counted in ``rejected``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ppo_fast import functional as F
+from ppo_fast.reference import MOMENTS_EPS
+
+__all__ = ["RunningMoments"]
+
+
+class RunningMoments(nn.Module):
+    """Running mean and std of everything passed to ``update``, for all processes together.
+
+    Args:
+        accelerator: an ``accelerate.Accelerator``; with several processes, batch moments are
+            gathered through it. Or pass ``process_group`` (a ``torch.distributed`` group) instead.
+        process_group: the group to gather over when no accelerator is given (default: the world,
+            when ``torch.distributed`` is initialised).
+        eps: added to the std before dividing (float32 machine epsilon, as TRL for fp32 scores).
+        device: where the state lives (moved later with ``.to``).
+    """
+
+    def __init__(self, accelerator=None, process_group=None, eps: float = MOMENTS_EPS, device=None):
+        super().__init__()
+        if not (eps >= 0 and eps < float("inf")):
+            raise ValueError(f"RunningMoments: eps must be finite and >= 0, got {eps}")
+        self.register_buffer("state", torch.zeros(4, dtype=torch.float64, device=device))
+        self.accelerator = accelerator
+        self.process_group = process_group
+        self.eps = float(eps)
+
+    # -- the state, as 0-d device tensors (no synchronisation) --------------------------------
+    @property
+    def count(self) -> torch.Tensor:
+        return self.state[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.state[1]
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Bessel-corrected running variance (1 below two samples)."""
+        return torch.where(self.count > 1, self.state[2] / (self.count - 1).clamp(min=1), torch.ones_like(self.count))
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        """How many updates were skipped because their batch held NaN or inf."""
+        return self.state[3]
+
+    # -- updates ---------------------------------------------------------------------------------
+    def _world_size(self) -> int:
+        if self.accelerator is not None:
+            return self.accelerator.num_processes
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)
+        return 1
+
+    def _gather(self, batch: torch.Tensor) -> torch.Tensor:
+        """[W, 4]: every rank's batch moments, in rank order (one collective)."""
+        if self.accelerator is not None:
+            return self.accelerator.gather(batch[None])
+        out = [torch.empty_like(batch) for _ in range(self._world_size())]
+        dist.all_gather(out, batch, group=self.process_group)
+        return torch.stack(out)
+
+    def _check(self, x: torch.Tensor, mask: torch.Tensor | None, validate: bool, name: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"RunningMoments.{name}: x must be a tensor, got {type(x).__name__}")
+        if x.device != self.state.device:
+            raise ValueError(
+                f"RunningMoments.{name}: x is on {x.device} but the state is on {self.state.device}; "
+                "move the module with .to(device)"
+            )
+        if validate:
+            bad = ~torch.isfinite(x.detach())
+            if mask is not None:
+                bad &= mask != 0
+            if bad.any():
+                where = bad.nonzero().tolist()
+                shown = ", ".join(str(tuple(p) if len(p) > 1 else p[0]) for p in where[:8])
+                more = f" and {len(where) - 8} more" if len(where) > 8 else ""
+                raise ValueError(
+                    f"RunningMoments.{name}: x holds NaN or inf at {shown}{more}; the running moments were not updated"
+                )
+
+    @staticmethod
+    def _mean_std(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = batch[0]
+        std = torch.where(n > 1, (batch[2] / (n - 1).clamp(min=1)).sqrt(), torch.ones_like(n))
+        return batch[1].float(), std.float()
+
+    @staticmethod
+    def _combine(batches: torch.Tensor) -> torch.Tensor:
+        """All ranks' batches as one (for the returned batch mean and std)."""
+        total = torch.zeros(4, dtype=torch.float64, device=batches.device)
+        return F.moments_merge_(total, batches.clone().index_fill_(1, torch.tensor([3], device=batches.device), 0.0))
+
+    @torch.no_grad()
+    def update(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, validate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge ``x`` (any shape; ``mask`` selects entries) into the running moments. Returns the
+        batch's mean and Bessel-corrected std over all processes, as 0-d fp32 tensors (TRL returns
+        Python floats, which cost a synchronisation each)."""
+        self._check(x, mask, validate, "update")
+        batch = F.moments(x, mask)
+        batches = self._gather(batch) if self._world_size() > 1 else batch[None]
+        F.moments_merge_(self.state, batches)
+        return self._mean_std(self._combine(batches) if len(batches) > 1 else batch)
+
+    @torch.no_grad()
+    def normalize(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        scale: bool = True,
+        center: bool = False,
+        clip: float | None = None,
+    ) -> torch.Tensor:
+        """``x / (std + eps)`` (``scale``), centred on the running mean first (``center``), then
+        clipped to ``[-clip, clip]``; entries where ``mask`` is zero pass through. x's dtype."""
+        self._check(x, mask, False, "normalize")
+        return F.moments_normalize(x, self.state, mask, scale=scale, center=center, clip=clip, eps=self.eps)
+
+    @torch.no_grad()
+    def update_normalize(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        scale: bool = True,
+        center: bool = False,
+        clip: float | None = None,
+        validate: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``update`` then ``normalize`` (score scaling, normalisation and clipping in one call; one
+        process on CUDA: two launches, and no synchronisation when ``validate=False``). Returns
+        ``(normalised x, batch mean, batch std)``."""
+        self._check(x, mask, validate, "update_normalize")
+        if self._world_size() > 1:
+            mean, std = self.update(x, mask, validate=False)
+            return self.normalize(x, mask, scale=scale, center=center, clip=clip), mean, std
+        out, batch = F.moments_update_normalize_(
+            self.state, x, mask, scale=scale, center=center, clip=clip, eps=self.eps
+        )
+        return (out, *self._mean_std(batch))
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
