@@ -336,6 +336,7 @@ if HAS_EXT:
         tensors, scalars = inputs[:8], inputs[8:15]  # the backward needs no aggregation/threshold: row_scale has them
         ctx.save_for_backward(*tensors, output[2])
         ctx.scalars = scalars
+        ctx.mark_non_differentiable(output[1], output[2])  # stats and row_scale carry no gradient
 
     def _ppo_loss_backward(ctx, grad_loss, grad_stats, grad_row_scale):
         *tensors, row_scale = ctx.saved_tensors

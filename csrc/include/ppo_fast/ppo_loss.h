@@ -384,12 +384,12 @@ inline Tensors check_inputs(const char* op, const at::Tensor& logprobs, const at
     check::same_shape(op, name, *t, "logprobs", logprobs);
     check::same_dtype(op, name, *t, "logprobs", logprobs);
   }
+  at::Tensor m = check::mask(op, mask, "logprobs", logprobs);
   TORCH_CHECK(kl_coef == 0.0 || ref_logprobs.has_value(), op, ": kl_coef is ", kl_coef,
               " but ref_logprobs is None; pass the reference log-probs or set kl_coef=0");
-  Tensors t{logprobs.contiguous(), vpreds.contiguous(), old_logprobs.contiguous(), old_values.contiguous(),
-            advantages.contiguous(), returns.contiguous(), check::mask(op, mask, "logprobs", logprobs),
-            ref_logprobs ? ref_logprobs->contiguous() : at::Tensor()};
-  return t;
+  return Tensors{logprobs.contiguous(),  vpreds.contiguous(),  old_logprobs.contiguous(),
+                 old_values.contiguous(), advantages.contiguous(), returns.contiguous(),
+                 m,                       ref_logprobs ? ref_logprobs->contiguous() : at::Tensor()};
 }
 
 inline Params check_params(const char* op, double cliprange, double cliprange_value, double vf_coef, double kl_coef,
