@@ -64,7 +64,29 @@ def ppo_loss_workload() -> int:
     return bad
 
 
+def moments_workload() -> int:
+    bad = 0
+    g = torch.Generator().manual_seed(2)
+    for shape in [(7,), (512,), (3, 5000), (40000,)]:  # several chunks, ragged tails, unaligned views
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(shape, generator=g) * 3 + 100).to(dtype)
+            m = torch.rand(shape, generator=g) > 0.2
+            states = [torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64, device="cuda")]
+            for xs, mask in ((x, None), (x, m), (x.flatten()[1:], None)):
+                outs = []
+                for state in states:
+                    dev = state.device
+                    mk = None if mask is None else mask.to(dev)
+                    out, batch = F.moments_update_normalize_(state, xs.to(dev), mk, center=True, clip=2.0)
+                    outs.append((out, batch, F.moments(xs.to(dev), mk)))
+                for a, b in zip(*outs):
+                    bad += not torch.allclose(a.cpu().double(), b.double(), rtol=1e-3, atol=1e-2)
+                bad += not torch.allclose(states[0], states[1].cpu(), rtol=1e-9)
+    torch.cuda.synchronize()
+    return bad
+
+
 if __name__ == "__main__":
-    bad = gae_workload() + ppo_loss_workload()
+    bad = gae_workload() + ppo_loss_workload() + moments_workload()
     print(f"sanitize workload: {bad} mismatches")
     raise SystemExit(1 if bad else 0)
