@@ -5,4 +5,24 @@ from ppo_fast.trainer import RunningMoments
 
 __version__ = "0.1.0"
 
-__all__ = ["RunningMoments", "__version__", "functional", "reference"]
+__all__ = [
+    "AutoModelForCausalLMWithValueHead",
+    "RunningMoments",
+    "__version__",
+    "create_reference_model",
+    "functional",
+    "reference",
+]
+
+# The models import transformers (seconds), so they load on first use and `import ppo_fast` stays light.
+_LAZY = {"AutoModelForCausalLMWithValueHead": "ppo_fast.models", "create_reference_model": "ppo_fast.models"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ppo_fast' has no attribute {name!r}")
