@@ -438,15 +438,15 @@ def moments_normalize(
 ) -> torch.Tensor:
     """``x / (std + eps)`` (``scale``), minus the running mean first (``center``), then clipped to
     ``[-clip, clip]``; entries where ``mask`` is zero pass through unchanged."""
-    y = x.float()
+    y = _acc(x)
     if center:
-        y = y - state[1].float()
+        y = y - state[1].to(y.dtype)
     if scale:
-        y = y * (1.0 / (running_std(state) + eps)).float()
+        y = y * (1.0 / (running_std(state) + eps)).to(y.dtype)
     if clip is not None:
         y = y.clamp(-clip, clip)
     if mask is not None:
-        y = torch.where(mask != 0, y, x.float())
+        y = torch.where(mask != 0, y, _acc(x))
     return y.to(x.dtype)
 
 

@@ -4,6 +4,7 @@
 #include <ppo_fast/moments.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -81,12 +82,13 @@ void batch_moments(const scalar_t* x, const mask_t* mask, int64_t N, double* out
 template <typename scalar_t, typename mask_t>
 void normalize_into(const scalar_t* x, const mask_t* mask, scalar_t* out, int64_t N, const double* state,
                     const Normalize& p) {
-  float shift, mul;
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t shift, mul;
   affine_of(state, p, shift, mul);
   at::parallel_for(0, N, 32768, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       // Masked-out entries pass through unchanged.
-      out[i] = counted<scalar_t>(mask, i) ? static_cast<scalar_t>(normalize<float>(static_cast<float>(x[i]), shift, mul, p))
+      out[i] = counted<scalar_t>(mask, i) ? static_cast<scalar_t>(normalize<acc_t>(static_cast<acc_t>(x[i]), shift, mul, p))
                                           : x[i];
     }
   });

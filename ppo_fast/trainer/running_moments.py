@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ppo_fast import _ops
 from ppo_fast import functional as F
 from ppo_fast.reference import MOMENTS_EPS
 
@@ -82,9 +83,19 @@ class RunningMoments(nn.Module):
         dist.all_gather(out, batch, group=self.process_group)
         return torch.stack(out)
 
-    def _check(self, x: torch.Tensor, mask: torch.Tensor | None, validate: bool, name: str) -> None:
+    def _apply(self, fn, recurse=True):
+        # Module-wide casts (.half(), .to(torch.bfloat16), a parent's .float()) must not touch the
+        # fp64 state: keep its bits and follow only the device move.
+        state = self._buffers["state"]
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, dtype=torch.float64, device=state.device)).device
+        self._buffers["state"] = state.to(device)
+        return self
+
+    def _check(self, x: torch.Tensor, mask: torch.Tensor | None, validate: bool, name: str, op: str) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"RunningMoments.{name}: x must be a tensor, got {type(x).__name__}")
+        _ops.check_moments_x(op, x, mask)  # shapes first: validation below indexes with the mask
         if x.device != self.state.device:
             raise ValueError(
                 f"RunningMoments.{name}: x is on {x.device} but the state is on {self.state.device}; "
@@ -112,7 +123,11 @@ class RunningMoments(nn.Module):
     def _combine(batches: torch.Tensor) -> torch.Tensor:
         """All ranks' batches as one (for the returned batch mean and std)."""
         total = torch.zeros(4, dtype=torch.float64, device=batches.device)
-        return F.moments_merge_(total, batches.clone().index_fill_(1, torch.tensor([3], device=batches.device), 0.0))
+        finite_only = batches.clone()
+        finite_only[:, 3] = 0  # merge regardless; the non-finite count is carried over below
+        F.moments_merge_(total, finite_only)
+        total[3] = batches[:, 3].sum()
+        return total
 
     @torch.no_grad()
     def update(
@@ -121,7 +136,7 @@ class RunningMoments(nn.Module):
         """Merge ``x`` (any shape; ``mask`` selects entries) into the running moments. Returns the
         batch's mean and Bessel-corrected std over all processes, as 0-d fp32 tensors (TRL returns
         Python floats, which cost a synchronisation each)."""
-        self._check(x, mask, validate, "update")
+        self._check(x, mask, validate, "update", "moments")
         batch = F.moments(x, mask)
         batches = self._gather(batch) if self._world_size() > 1 else batch[None]
         F.moments_merge_(self.state, batches)
@@ -139,7 +154,7 @@ class RunningMoments(nn.Module):
     ) -> torch.Tensor:
         """``x / (std + eps)`` (``scale``), centred on the running mean first (``center``), then
         clipped to ``[-clip, clip]``; entries where ``mask`` is zero pass through. x's dtype."""
-        self._check(x, mask, False, "normalize")
+        self._check(x, mask, False, "normalize", "moments_normalize")
         return F.moments_normalize(x, self.state, mask, scale=scale, center=center, clip=clip, eps=self.eps)
 
     @torch.no_grad()
@@ -152,18 +167,25 @@ class RunningMoments(nn.Module):
         center: bool = False,
         clip: float | None = None,
         validate: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``update`` then ``normalize`` (score scaling, normalisation and clipping in one call; one
-        process on CUDA: two launches, and no synchronisation when ``validate=False``). Returns
-        ``(normalised x, batch mean, batch std)``."""
-        self._check(x, mask, validate, "update_normalize")
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``update`` then ``normalize``: score scaling, normalisation and clipping in one call (one
+        process on CUDA: two launches, and no synchronisation with ``validate=False``). Returns
+        ``(normalised x, batch moments)``: the batch's float64 ``(count, mean, M2, non-finite)``,
+        over all processes; ``batch_mean_std`` turns it into TRL's batch mean and std when they are
+        logged (computing them here would cost launches on every step)."""
+        self._check(x, mask, validate, "update_normalize", "moments_update_normalize_")
         if self._world_size() > 1:
-            mean, std = self.update(x, mask, validate=False)
-            return self.normalize(x, mask, scale=scale, center=center, clip=clip), mean, std
-        out, batch = F.moments_update_normalize_(
-            self.state, x, mask, scale=scale, center=center, clip=clip, eps=self.eps
-        )
-        return (out, *self._mean_std(batch))
+            batch = F.moments(x, mask)
+            batches = self._gather(batch)
+            F.moments_merge_(self.state, batches)
+            out = self.normalize(x, mask, scale=scale, center=center, clip=clip)
+            return out, self._combine(batches)
+        return F.moments_update_normalize_(self.state, x, mask, scale=scale, center=center, clip=clip, eps=self.eps)
+
+    @staticmethod
+    def batch_mean_std(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRL's batch mean and Bessel-corrected std (1 below two samples) from batch moments."""
+        return RunningMoments._mean_std(batch)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"

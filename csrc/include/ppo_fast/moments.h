@@ -55,9 +55,11 @@ struct Normalize {
 };
 
 // The affine map x -> (x - shift) * mul of the normalisation, from the running state.
-C10_HOST_DEVICE inline void affine_of(const double* state, const Normalize& p, float& shift, float& mul) {
-  shift = p.center ? static_cast<float>(state[kMean]) : 0.f;
-  mul = p.scale ? static_cast<float>(1.0 / (std_of(state) + p.eps)) : 1.f;
+// In the accumulation type T: fp32, or fp64 for fp64 inputs.
+template <typename T>
+C10_HOST_DEVICE inline void affine_of(const double* state, const Normalize& p, T& shift, T& mul) {
+  shift = p.center ? static_cast<T>(state[kMean]) : T(0);
+  mul = p.scale ? static_cast<T>(1.0 / (std_of(state) + p.eps)) : T(1);
 }
 
 template <typename T>
