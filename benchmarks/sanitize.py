@@ -5,6 +5,7 @@ mask dtype path. Prints one line; exits non-zero on a mismatch with the CPU kern
 import torch
 
 from ppo_fast import functional as F
+from ppo_fast import reference
 
 
 def gae_workload() -> int:
@@ -86,7 +87,43 @@ def moments_workload() -> int:
     return bad
 
 
+def lion8bit_workload() -> int:
+    bad = 0
+    g = torch.Generator().manual_seed(4)
+    # Every dtype and state kind in one launch, sizes around the block and the 8-bit threshold, an
+    # unaligned view (the scalar path), stochastic rounding; bit-identical to the CPU kernel.
+    flat = torch.randn(20000, generator=g)
+    specs = [
+        (1, torch.float32),
+        (255, torch.bfloat16),
+        (4097, torch.float16),
+        (5000, torch.bfloat16),
+        (70001, torch.float32),
+    ]
+    params = [torch.randn(n, generator=g).to(dt) for n, dt in specs] + [flat[3:9003]]
+    grads = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    momentum, absmax = [], []
+    for p in params:
+        if p.numel() >= 4096:
+            codes, am = reference.quantize_blockwise(0.1 * torch.randn(p.numel(), generator=g))
+            momentum.append(codes)
+            absmax.append(am)
+        else:
+            momentum.append(0.1 * torch.randn(p.numel(), generator=g))
+            absmax.append(torch.empty(0))
+    for sr in (False, True):
+        outs = []
+        for dev in ("cpu", "cuda"):
+            lists = [[t.to(dev, copy=True) for t in ts] for ts in (params, grads, momentum, absmax)]
+            F.lion8bit_step_(*lists, 1e-3, 0.9, 0.99, 0.1, stochastic_rounding=sr, seed=5)
+            outs.append([t for ts in (lists[0], lists[2], lists[3]) for t in ts])
+        for a, b in zip(*outs):
+            bad += not torch.equal(a.cpu(), b)
+    torch.cuda.synchronize()
+    return bad
+
+
 if __name__ == "__main__":
-    bad = gae_workload() + ppo_loss_workload() + moments_workload()
+    bad = gae_workload() + ppo_loss_workload() + moments_workload() + lion8bit_workload()
     print(f"sanitize workload: {bad} mismatches")
     raise SystemExit(1 if bad else 0)

@@ -54,4 +54,10 @@ TORCH_LIBRARY(ppo_fast, m) {
   m.def(
       "moments_update_normalize_(Tensor(a!) state, Tensor x, Tensor? mask, bool scale, bool center, float? clip, "
       "float eps) -> (Tensor out, Tensor batch)");
+
+  // lion8bit: one fused Lion step over a list of tensors (csrc/include/ppo_fast/lion8bit.h). momentum[i] is
+  // uint8 codes with absmax[i] fp32 [ceil(n / 256)] (8-bit state), or fp32 with an empty absmax[i].
+  m.def(
+      "lion8bit_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum, Tensor(c!)[] absmax, float lr, "
+      "float beta1, float beta2, float weight_decay, bool stochastic_rounding, int seed) -> ()");
 }

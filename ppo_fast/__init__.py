@@ -1,6 +1,6 @@
 """ppo_fast: PPO for language models with fused C++/CUDA kernels behind the classic TRL PPO API."""
 
-from ppo_fast import functional, reference
+from ppo_fast import functional, optim, reference
 from ppo_fast.trainer import RunningMoments
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "__version__",
     "create_reference_model",
     "functional",
+    "optim",
     "reference",
 ]
 

@@ -275,6 +275,61 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _lion8bit_blocks(n: int) -> int:
+    return -(-n // 256)
+
+
+def check_lion8bit_step(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay) -> None:
+    """Mirrors lion8bit.h:check_inputs: every tensor is checked before anything is written."""
+    op = "lion8bit_step_"
+    if not (math.isfinite(lr) and lr >= 0):
+        raise RuntimeError(f"{op}: lr must be finite and >= 0, got {lr}")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b <= 1.0:
+            raise RuntimeError(f"{op}: {name} must be in [0, 1], got {b}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise RuntimeError(f"{op}: weight_decay must be finite and >= 0, got {weight_decay}")
+    n = len(params)
+    if not (len(grads) == len(momentum) == len(absmax) == n):
+        raise RuntimeError(
+            f"{op}: params, grads, momentum and absmax must have one entry per tensor, got {n}, {len(grads)}, "
+            f"{len(momentum)}, {len(absmax)}"
+        )
+    for i, (p, g, m, a) in enumerate(zip(params, grads, momentum, absmax)):
+        pn, gn, mn, an = f"params[{i}]", f"grads[{i}]", f"momentum[{i}]", f"absmax[{i}]"
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise RuntimeError(f"{op}: {pn} must be float32, bfloat16 or float16, got {p.dtype}")
+        if p.layout != torch.strided or not p.is_contiguous():
+            raise RuntimeError(f"{op}: {pn} must be a contiguous dense tensor")
+        _same_device(op, pn, p, "params[0]", params[0])
+        _same_device(op, gn, g, "params[0]", params[0])
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{op}: {gn} must be a dense tensor, got layout {g.layout}")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{op}: {gn} must have the shape of {pn} {_shape(p)}, got {_shape(g)}")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"{op}: {gn} must have the dtype of {pn} ({p.dtype}), got {g.dtype}")
+        _same_device(op, mn, m, "params[0]", params[0])
+        _same_device(op, an, a, "params[0]", params[0])
+        if m.dtype not in (torch.uint8, torch.float32):
+            raise RuntimeError(f"{op}: {mn} must be uint8 (8-bit state) or float32 (fp32 state), got {m.dtype}")
+        if m.numel() != p.numel():
+            raise RuntimeError(f"{op}: {mn} must have {p.numel()} elements (one per element of {pn}), got {m.numel()}")
+        if m.layout != torch.strided or not m.is_contiguous():
+            raise RuntimeError(f"{op}: {mn} must be a contiguous dense tensor")
+        if m.dtype == torch.uint8:
+            nb = _lion8bit_blocks(p.numel())
+            if a.dtype != torch.float32 or a.numel() != nb:
+                raise RuntimeError(
+                    f"{op}: {an} must be float32 with {nb} elements (one per 256 elements of {pn}), got "
+                    f"{a.dtype} with {a.numel()}"
+                )
+            if a.layout != torch.strided or not a.is_contiguous():
+                raise RuntimeError(f"{op}: {an} must be a contiguous dense tensor")
+        elif a.numel() != 0:
+            raise RuntimeError(f"{op}: {an} must be empty when {mn} is float32, got {a.numel()} elements")
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake kernels: shapes and dtypes only, with the same checks as the real kernels.
 
@@ -369,5 +424,10 @@ if HAS_EXT:
         check_moments_state(op, state, x)
         check_moments_normalize(op, clip, eps)
         return _empty(x), x.new_empty((4,), dtype=torch.float64)
+
+    @torch.library.register_fake("ppo_fast::lion8bit_step_")
+    def _(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay, stochastic_rounding, seed):
+        check_lion8bit_step(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay)
+
 else:
     ops = None

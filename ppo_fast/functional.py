@@ -20,6 +20,7 @@ __all__ = [
     "compute_rewards",
     "fused_available",
     "gae",
+    "lion8bit_step_",
     "masked_whiten",
     "moments",
     "moments_merge_",
@@ -290,3 +291,36 @@ def moments_update_normalize_(
     _ops.check_moments_normalize(op, clip, float(eps))
     fn = _ops.ops.moments_update_normalize_ if _use_fused(use_fused) else reference.moments_update_normalize_
     return fn(state, x.detach(), mask, bool(scale), bool(center), clip, float(eps))
+
+
+def lion8bit_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    weight_decay: float = 0.0,
+    *,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+    use_fused: bool | None = None,
+) -> None:
+    """One Lion step over a list of tensors, in place, as one fused pass (one CUDA launch for the
+    whole list): ``p *= 1 - lr wd; p -= lr sign(b1 m + (1 - b1) g); m = b2 m + (1 - b2) g``.
+
+    ``params[i]``: fp32, bf16 or fp16, contiguous, any shape; ``grads[i]``: its shape and dtype.
+    ``momentum[i]``: uint8 codes [n] of the signed dynamic map with ``absmax[i]`` float32
+    [ceil(n / 256)] (8-bit state, dequantised and requantised in the same pass), or float32 with n
+    elements and an empty ``absmax[i]`` (fp32 state). All on one device. ``stochastic_rounding``
+    rounds bf16 parameters stochastically, from a hash of (``seed``, tensor index, element index).
+    ``ppo_fast.optim.Lion8bit`` and ``Lion`` are built on this.
+    """
+    lr, beta1, beta2, weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
+    _ops.check_lion8bit_step(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay)
+    if not params:
+        return  # nothing to step (and an op call without tensors has no device to dispatch on)
+    fn = _ops.ops.lion8bit_step_ if _use_fused(use_fused) else reference.lion8bit_step_
+    grads = [g.detach() for g in grads]
+    fn(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay, bool(stochastic_rounding), int(seed))

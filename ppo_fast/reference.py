@@ -12,9 +12,12 @@ import torch
 __all__ = [
     "compute_advantages",
     "compute_rewards",
+    "dequantize_blockwise",
+    "dynamic_code",
     "gae",
     "gae_scan",
     "kl_penalty",
+    "lion8bit_step_",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -23,7 +26,9 @@ __all__ = [
     "moments_normalize",
     "moments_update_normalize_",
     "ppo_loss",
+    "quantize_blockwise",
     "rollout_advantages",
+    "stochastic_round_bf16",
 ]
 
 WHITEN_EPS = 1e-8  # TRL's masked_whiten
@@ -464,3 +469,139 @@ def moments_update_normalize_(
     batch = moments(x, mask)
     moments_merge_(state, batch[None])
     return moments_normalize(x, mask, state, scale, center, clip, eps), batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Lion with 8-bit blockwise momentum (Chen et al. 2023; 8-bit state as in bitsandbytes, Dettmers et
+# al. 2022). Every fp32 operation is a separately rounded multiply or add in the kernels' order (no
+# ``alpha=``, which CPU kernels turn into a fused multiply-add), so the fused op matches this bit
+# for bit.
+
+LION8BIT_BLOCK = 256  # elements per absmax
+LION8BIT_MIN_SIZE = 4096  # Lion8bit keeps fp32 momentum for tensors with fewer elements
+LION8BIT_ZERO_CODE = 127
+_LION8BIT_TABLES: dict = {}
+_M32 = 0xFFFFFFFF
+
+
+def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The signed dynamic (exponent + fraction) 8-bit map, float32 [256], ascending: 127 negative
+    values, 0 (code 127), 127 positive values, 1. Exactly ``bitsandbytes.functional.create_dynamic_map
+    (signed=True)``: for exponents i = 0..6, the 2**i midpoints of ``linspace(0.1, 1, 2**i + 1)``
+    scaled by ``10**(i - 6)``, with both signs."""
+    return _lion8bit_tables(torch.device(device))[0]
+
+
+def _lion8bit_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = str(device)
+    if key not in _LION8BIT_TABLES:
+        data = []
+        for i in range(7):
+            bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+            means = (bounds[:-1] + bounds[1:]) / 2.0
+            data += ((10 ** (-6 + i)) * means).tolist()
+            data += (-(10 ** (-6 + i)) * means).tolist()
+        code = torch.tensor(sorted(data + [0.0, 1.0]), dtype=torch.float32)
+        mag = code[LION8BIT_ZERO_CODE + 1 :]  # positive magnitudes, ascending, ending with 1
+        thresholds = (mag[:-1] + mag[1:]) / 2.0
+        _LION8BIT_TABLES[key] = (code.to(device), thresholds.to(device))
+    return _LION8BIT_TABLES[key]
+
+
+def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sign-preserving blockwise 8-bit quantisation of ``x`` (any shape, read as fp32, flattened).
+
+    Each block of 256 elements is divided by its absmax and takes the nearest code of the dynamic map
+    among those of its own sign (ties go to the smaller magnitude), so a nonzero value never becomes 0
+    or changes sign; 0 (and NaN, and every entry of an all-zero block) takes the zero code.
+    Returns ``(codes uint8 [n], absmax float32 [ceil(n / 256)])``.
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    nb = -(-n // LION8BIT_BLOCK)
+    blocks = torch.nn.functional.pad(flat, (0, nb * LION8BIT_BLOCK - n)).view(nb, LION8BIT_BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    return _quantize(blocks, absmax[:, None]).reshape(-1)[:n], absmax
+
+
+def _quantize(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    _, thresholds = _lion8bit_tables(x.device)
+    s = x * torch.where(absmax > 0, 1.0 / absmax, 0.0)  # x / absmax as bitsandbytes: times the reciprocal
+    k = torch.searchsorted(thresholds, s.abs().contiguous(), side="left")  # thresholds below |s|
+    z = LION8BIT_ZERO_CODE
+    code = torch.where(s > 0, z + 1 + k, torch.where(s < 0, z - 1 - k.clamp(max=126), z))
+    return code.to(torch.uint8)
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """``code[codes] * absmax`` of each element's block: float32 [n] from uint8 codes [n] (any shape)."""
+    code, _ = _lion8bit_tables(codes.device)
+    flat = codes.reshape(-1).long()
+    scale = absmax.repeat_interleave(LION8BIT_BLOCK)[: flat.numel()]
+    return code[flat] * scale
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def stochastic_round_bf16(x: torch.Tensor, seed: int, tensor_index: int) -> torch.Tensor:
+    """fp32 -> bf16 with stochastic rounding: add 16 random bits below the bf16 mantissa, truncate.
+    The bits hash (seed, tensor_index, element index) as the kernels do (murmur3's fmix32); inf and
+    NaN pass through. ``x`` fp32 of any shape; returns bf16 of its shape."""
+    flat = x.reshape(-1)
+    idx = torch.arange(flat.numel(), device=x.device, dtype=torch.int64)
+    h = ((idx & _M32) * 0x9E3779B1) & _M32  # int64 products wrap; the low 32 bits are exact
+    h = h ^ (((idx >> 32) * 0x85EBCA77) & _M32)
+    h = h ^ (((tensor_index * 0xC2B2AE3D) & _M32) ^ (seed & _M32))
+    random = _fmix32(h) & 0xFFFF
+    bits = flat.view(torch.int32).to(torch.int64) & _M32
+    rounded = torch.where(torch.isfinite(flat), (bits + random) & 0xFFFF0000, bits)
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+    return rounded.view(torch.float32).to(torch.bfloat16).view(x.shape)
+
+
+def lion8bit_step_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum: list[torch.Tensor],
+    absmax: list[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+) -> None:
+    """One Lion step over a list of tensors, in place (bitsandbytes' order, decoupled weight decay):
+    ``p *= 1 - lr wd; p -= lr sign(b1 m + (1 - b1) g); m = b2 m + (1 - b2) g``, in fp32.
+
+    ``params[i]`` fp32, bf16 or fp16, contiguous; ``grads[i]`` of its shape and dtype. ``momentum[i]``
+    is either uint8 codes [n] with ``absmax[i]`` float32 [ceil(n / 256)] (dequantised before the step,
+    requantised after, absmax from the new momentum) or float32 with ``n`` elements and an empty
+    ``absmax[i]``. With ``stochastic_rounding``, bf16 parameters round stochastically (seeded by
+    ``seed`` and the tensor's index in the list); otherwise to nearest.
+    """
+    decay = 1.0 - lr * weight_decay
+    for i, (p, g, m, a) in enumerate(zip(params, grads, momentum, absmax, strict=True)):
+        quantized = m.dtype == torch.uint8
+        p32, g32 = p.reshape(-1).float(), g.reshape(-1).float()
+        m32 = dequantize_blockwise(m, a) if quantized else m.reshape(-1)
+        p32 = p32 * decay
+        c = m32 * beta1 + g32 * (1.0 - beta1)
+        p32 = p32 - lr * torch.sign(c)
+        m32 = m32 * beta2 + g32 * (1.0 - beta2)
+        if stochastic_rounding and p.dtype == torch.bfloat16:
+            p.view(-1).copy_(stochastic_round_bf16(p32, seed, i))
+        else:
+            p.view(-1).copy_(p32)
+        if quantized:
+            codes, new_absmax = quantize_blockwise(m32)
+            m.view(-1).copy_(codes)
+            a.copy_(new_absmax)
+        else:
+            m.view(-1).copy_(m32)
