@@ -413,14 +413,21 @@ def test_small_model_200_steps():
 
 @pytest.mark.slow
 def test_tiny_gpt2_200_steps():
-    """A tiny GPT-2 (2 layers, width 64; 96% of its parameters in 8-bit state) learns to copy a
-    repeated random prefix, 200 steps: Lion8bit's loss within 2% of fp32 Lion's (measured 0.8%,
-    4.16 -> 1.13)."""
+    """A tiny GPT-2 (2 layers, width 64; 96% of its parameters in 8-bit state) learns a random
+    first-order Markov chain over 64 tokens (entropy 1.61 nats), 200 steps: Lion8bit's held-out loss
+    within 2% of fp32 Lion's (measured 0.12% apart, 4.16 -> 1.82; 0.03-0.27% over other seeds).
+    A chain rather than a copy task: its loss flattens out by step 200, so the two runs' gap is the
+    optimizer's, not the chaos of a steep stretch of training (a copy task gave +-3% between seeds)."""
     tf = pytest.importorskip("transformers")
+    vocab = 64
+    trans = torch.softmax(3 * torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)), dim=1)
 
     def batch(model, step):
-        pre = torch.randint(3, 64, (16, 8), generator=torch.Generator().manual_seed(step))
-        ids = pre.repeat(1, 4)
+        g = torch.Generator().manual_seed(step)
+        ids = torch.empty(16, 32, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, vocab, (16,), generator=g)
+        for t in range(1, 32):
+            ids[:, t] = torch.multinomial(trans[ids[:, t - 1]], 1, generator=g).squeeze(1)
         return model(input_ids=ids, labels=ids).loss
 
     losses = {}
@@ -430,12 +437,15 @@ def test_tiny_gpt2_200_steps():
         for cls in (Lion, Lion8bit):
             torch.manual_seed(0)
             cfg = tf.GPT2Config(
-                vocab_size=64, n_layer=2, n_embd=64, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2
+                vocab_size=vocab, n_layer=2, n_embd=64, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2
             )
-            losses[cls.__name__] = _train_model(cls, tf.GPT2LMHeadModel(cfg), batch, 200, lr=3e-3)
+            model = tf.GPT2LMHeadModel(cfg)
+            _train_model(cls, model, batch, 200, lr=3e-3)
+            with torch.no_grad():
+                losses[cls.__name__] = sum(batch(model, 10**6 + i).item() for i in range(8)) / 8
     finally:
         torch.set_num_threads(threads)
-    assert losses["Lion"] < 2.0  # it learned (ln 64 = 4.16 at the start)
+    assert losses["Lion"] < 2.0  # it learned (ln 64 = 4.16 at the start; the floor is 1.61)
     assert abs(losses["Lion8bit"] / losses["Lion"] - 1) < 0.02, losses
 
 
