@@ -87,6 +87,26 @@ def moments_workload() -> int:
     return bad
 
 
+def logprobs_workload() -> int:
+    bad = 0
+    g = torch.Generator().manual_seed(3)
+    for B, T, V in [(2, 3, 7), (2, 5, 50257), (1, 4, 4096)]:  # scalar and vector paths, ragged V
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(B, T + 1, V, generator=g) * 3).to(dtype)[:, :-1]  # non-contiguous view
+            r = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
+            y = torch.randint(0, V, (B, T), generator=g)
+            outs = []
+            for dev in ("cpu", "cuda"):
+                xd = x.to(dev).requires_grad_()
+                lp, h = F.logprobs_from_logits(xd, y.to(dev), 0.9, return_entropy=True)
+                (grad,) = torch.autograd.grad(lp.sum() + 0.5 * h.sum(), xd)
+                outs.append((lp, h, grad, F.full_kl(x.to(dev), r.to(dev), 0.9)))
+            for a, b in zip(*outs):
+                bad += not torch.allclose(a.cpu().float(), b.float(), rtol=2e-2, atol=2e-2)
+    torch.cuda.synchronize()
+    return bad
+
+
 def lion8bit_workload() -> int:
     bad = 0
     g = torch.Generator().manual_seed(4)
@@ -124,6 +144,6 @@ def lion8bit_workload() -> int:
 
 
 if __name__ == "__main__":
-    bad = gae_workload() + ppo_loss_workload() + moments_workload() + lion8bit_workload()
+    bad = gae_workload() + ppo_loss_workload() + moments_workload() + logprobs_workload() + lion8bit_workload()
     print(f"sanitize workload: {bad} mismatches")
     raise SystemExit(1 if bad else 0)

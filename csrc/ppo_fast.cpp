@@ -55,6 +55,17 @@ TORCH_LIBRARY(ppo_fast, m) {
       "moments_update_normalize_(Tensor(a!) state, Tensor x, Tensor? mask, bool scale, bool center, float? clip, "
       "float eps) -> (Tensor out, Tensor batch)");
 
+  // logprobs: log-probs and entropy from logits in one pass over the vocabulary
+  // (csrc/include/ppo_fast/logprobs.h). Outputs are fp32 [B, T]; lse is saved for the backward.
+  m.def("logprobs(Tensor logits, Tensor labels, float temperature) -> (Tensor logprob, Tensor entropy, Tensor lse)");
+  m.def(
+      "logprobs_backward(Tensor grad_logprob, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse, "
+      "Tensor entropy, float temperature) -> Tensor");
+  m.def(
+      "logprobs_backward_(Tensor(a!) logits, Tensor grad_logprob, Tensor? grad_entropy, Tensor labels, Tensor lse, "
+      "Tensor entropy, float temperature) -> ()");
+  m.def("full_kl(Tensor logits, Tensor ref_logits, float temperature) -> Tensor");
+
   // lion8bit: one fused Lion step over a list of tensors (csrc/include/ppo_fast/lion8bit.h). momentum[i] is
   // uint8 codes with absmax[i] fp32 [ceil(n / 256)] (8-bit state), or fp32 with an empty absmax[i].
   m.def(

@@ -271,6 +271,66 @@ def check_moments_merge(state: torch.Tensor, batches: torch.Tensor) -> None:
         )
 
 
+def check_logits(op: str, name: str, logits: torch.Tensor, device_dtype: bool = True) -> None:
+    if logits.dim() != 3:
+        raise RuntimeError(f"{op}: {name} must be 3-D [B, T, V], got shape {_shape(logits)}")
+    _floating(op, name, logits)
+    if device_dtype:
+        _device_dtype(op, name, logits)
+    _nonempty(op, name, logits)
+
+
+def check_labels(op: str, labels: torch.Tensor, logits: torch.Tensor) -> None:
+    _same_device(op, "labels", labels, "logits", logits)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError(f"{op}: labels must be int64 or int32, got {labels.dtype}")
+    if labels.dim() != 2 or labels.shape[0] != logits.shape[0] or labels.shape[1] != logits.shape[1]:
+        raise RuntimeError(
+            f"{op}: labels must be [B, T] = [{logits.shape[0]}, {logits.shape[1]}] to match logits "
+            f"{_shape(logits)}, got {_shape(labels)}"
+        )
+
+
+def check_temperature(op: str, temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise RuntimeError(f"{op}: temperature must be finite and > 0, got {temperature}")
+
+
+def check_logprobs(logits, labels, temperature, op: str = "logprobs") -> None:
+    check_temperature(op, temperature)
+    check_logits(op, "logits", logits)
+    check_labels(op, labels, logits)
+
+
+def check_logprobs_backward(
+    op, grad_logprob, grad_entropy, logits, labels, lse, entropy, temperature, inplace: bool = False
+) -> None:  # fmt: skip
+    check_temperature(op, temperature)
+    if inplace and logits.dim() == 3 and logits.stride(2) != 1:
+        raise RuntimeError(f"{op}: logits must have a contiguous last dimension to take its gradient in place")
+    check_logits(op, "logits", logits)
+    check_labels(op, labels, logits)
+    B, T = logits.shape[:2]
+    for name, t in (("grad_logprob", grad_logprob), ("lse", lse), ("entropy", entropy), ("grad_entropy", grad_entropy)):
+        if t is None:
+            continue
+        _same_device(op, name, t, "logits", logits)
+        if t.dim() != 2 or t.shape[0] != B or t.shape[1] != T:
+            raise RuntimeError(f"{op}: {name} must be [B, T] = [{B}, {T}], got {_shape(t)}")
+
+
+def check_full_kl(logits, ref_logits, temperature) -> None:
+    op = "full_kl"
+    check_temperature(op, temperature)
+    check_logits(op, "logits", logits)
+    check_logits(op, "ref_logits", ref_logits, device_dtype=False)  # the C++ checks that at dispatch
+    _same_device(op, "ref_logits", ref_logits, "logits", logits)
+    if ref_logits.shape != logits.shape:
+        raise RuntimeError(f"{op}: ref_logits must have the shape of logits {_shape(logits)}, got {_shape(ref_logits)}")
+    if ref_logits.dtype != logits.dtype:
+        raise RuntimeError(f"{op}: ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}")
+
+
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -399,6 +459,64 @@ if HAS_EXT:
         return (d_logprobs, d_vpreds) + (None,) * 15
 
     torch.library.register_autograd("ppo_fast::ppo_loss", _ppo_loss_backward, setup_context=_ppo_loss_setup_context)
+
+    @torch.library.register_fake("ppo_fast::logprobs")
+    def _(logits, labels, temperature):
+        check_logprobs(logits, labels, temperature)
+        return tuple(logits.new_empty(logits.shape[:2], dtype=_acc_dtype(logits)) for _ in range(3))
+
+    @torch.library.register_fake("ppo_fast::logprobs_backward")
+    def _(grad_logprob, grad_entropy, logits, labels, lse, entropy, temperature):
+        check_logprobs_backward(
+            "logprobs_backward", grad_logprob, grad_entropy, logits, labels, lse, entropy, temperature
+        )
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("ppo_fast::full_kl")
+    def _(logits, ref_logits, temperature):
+        check_full_kl(logits, ref_logits, temperature)
+        return logits.new_empty(logits.shape[:2], dtype=_acc_dtype(logits))
+
+    def _logprobs_setup_context(ctx, inputs, output):
+        logits, labels, temperature = inputs
+        ctx.save_for_backward(logits, labels, output[2], output[1])
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(output[2])  # lse is saved for the backward, not a result
+
+    def _logprobs_backward(ctx, grad_logprob, grad_entropy, grad_lse):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        if grad_logprob is None:
+            grad_logprob = torch.zeros_like(lse)
+        grad = ops.logprobs_backward(grad_logprob, grad_entropy, logits, labels, lse, entropy, ctx.temperature)
+        return grad, None, None
+
+    torch.library.register_autograd("ppo_fast::logprobs", _logprobs_backward, setup_context=_logprobs_setup_context)
+
+    @torch.library.register_fake("ppo_fast::logprobs_backward_")
+    def _(logits, grad_logprob, grad_entropy, labels, lse, entropy, temperature):
+        check_logprobs_backward(
+            "logprobs_backward_", grad_logprob, grad_entropy, logits, labels, lse, entropy, temperature, inplace=True
+        )
+
+    class LogprobsInplaceGrad(torch.autograd.Function):
+        """``logprobs`` whose backward writes the gradient into the logits' own storage (no second
+        [B, T, V] buffer); the logits are overwritten, so nothing else may still need them."""
+
+        @staticmethod
+        def forward(ctx, logits, labels, temperature):
+            logprob, entropy, lse = ops.logprobs(logits, labels, temperature)
+            ctx.save_for_backward(logits, labels, lse, entropy)
+            ctx.temperature = temperature
+            ctx.mark_non_differentiable(lse)
+            return logprob, entropy, lse
+
+        @staticmethod
+        def backward(ctx, grad_logprob, grad_entropy, grad_lse):
+            logits, labels, lse, entropy = ctx.saved_tensors
+            if grad_logprob is None:
+                grad_logprob = torch.zeros_like(lse)
+            ops.logprobs_backward_(logits, grad_logprob, grad_entropy, labels, lse, entropy, ctx.temperature)
+            return logits, None, None
 
     @torch.library.register_fake("ppo_fast::moments")
     def _(x, mask):

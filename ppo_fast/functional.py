@@ -18,8 +18,11 @@ __all__ = [
     "RolloutAdvantages",
     "compute_advantages",
     "compute_rewards",
+    "entropy_from_logits",
+    "full_kl",
     "fused_available",
     "gae",
+    "logprobs_from_logits",
     "lion8bit_step_",
     "masked_whiten",
     "moments",
@@ -324,3 +327,72 @@ def lion8bit_step_(
     fn = _ops.ops.lion8bit_step_ if _use_fused(use_fused) else reference.lion8bit_step_
     grads = [g.detach() for g in grads]
     fn(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay, bool(stochastic_rounding), int(seed))
+
+
+def _check_label_range(op: str, labels: torch.Tensor, vocab: int) -> None:
+    bad = (labels < 0) | (labels >= vocab)
+    if bad.any():  # one host synchronisation; validate=False skips it
+        where = bad.nonzero().tolist()
+        shown = ", ".join(str(tuple(p)) for p in where[:8]) + (f" and {len(where) - 8} more" if len(where) > 8 else "")
+        raise RuntimeError(f"{op}: labels must be in [0, V) = [0, {vocab}); out of range at {shown}")
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    *,
+    validate: bool = True,
+    inplace_backward: bool = False,
+    use_fused: bool | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``log_softmax(logits / temperature)[label]`` (TRL's ``logprobs_from_logits``), and
+    with ``return_entropy`` the entropy of the same distribution (TRL's ``entropy_from_logits``), in
+    one pass over the vocabulary without a [B, T, V] temporary. Differentiable w.r.t. ``logits``
+    through either output; the backward recomputes the softmax from the saved log-sum-exp.
+
+    ``logits`` [B, T, V] fp32/bf16/fp16 (fp64 on CPU) with a contiguous last dimension (other
+    strides arbitrary: ``logits[:, :-1]`` is not copied); ``labels`` [B, T] int64/int32. Returns fp32
+    [B, T] (log-probs feed ``exp(logp - old)`` ratios: bf16 would ruin them). ``validate`` checks the
+    labels' range (one host synchronisation); out-of-range labels otherwise give NaN.
+    ``inplace_backward=True`` (fused only) writes the gradient into the logits' own storage instead
+    of a new [B, T, V] tensor: the logits are overwritten in the backward, so use it only when
+    nothing else needs them afterwards (the usual case: they come straight from the LM head).
+    """
+    temperature = float(temperature)
+    _ops.check_logprobs(logits, labels, temperature)
+    if validate:
+        _check_label_range("logprobs", labels, logits.shape[-1])
+    fused = _use_fused(use_fused)
+    if inplace_backward and not fused:
+        raise RuntimeError(
+            "logprobs: inplace_backward needs the fused op (use_fused=False was asked or it is not built)"
+        )
+    if inplace_backward:
+        logprob, entropy, _ = _ops.LogprobsInplaceGrad.apply(logits, labels, temperature)
+    else:
+        fn = _ops.ops.logprobs if fused else reference.logprobs
+        logprob, entropy, _ = fn(logits, labels, temperature)
+    return (logprob, entropy) if return_entropy else logprob
+
+
+def entropy_from_logits(
+    logits: torch.Tensor, temperature: float = 1.0, *, use_fused: bool | None = None
+) -> torch.Tensor:
+    """Per-token entropy of ``softmax(logits / temperature)`` (TRL's ``entropy_from_logits``), [B, T] fp32."""
+    labels = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device) if logits.dim() == 3 else logits
+    return logprobs_from_logits(logits, labels, temperature, return_entropy=True, validate=False, use_fused=use_fused)[
+        1
+    ]
+
+
+def full_kl(
+    logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0, *, use_fused: bool | None = None
+) -> torch.Tensor:
+    """Per-token KL(policy || reference) over the whole vocabulary, for ``kl_penalty="full"``, in one
+    pass over both logits; [B, T] fp32. Not differentiable (rewards are computed without gradients)."""
+    temperature = float(temperature)
+    _ops.check_full_kl(logits, ref_logits, temperature)
+    fn = _ops.ops.full_kl if _use_fused(use_fused) else reference.full_kl
+    return fn(logits.detach(), ref_logits.detach(), temperature)

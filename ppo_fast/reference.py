@@ -14,10 +14,12 @@ __all__ = [
     "compute_rewards",
     "dequantize_blockwise",
     "dynamic_code",
+    "full_kl",
     "gae",
     "gae_scan",
     "kl_penalty",
     "lion8bit_step_",
+    "logprobs",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -469,6 +471,38 @@ def moments_update_normalize_(
     batch = moments(x, mask)
     moments_merge_(state, batch[None])
     return moments_normalize(x, mask, state, scale, center, clip, eps), batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy from logits (TRL's logprobs_from_logits and entropy_from_logits).
+
+
+def logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``z = logits / temperature``: per-token ``log_softmax(z)[label]``, the entropy of
+    ``softmax(z)`` and ``logsumexp(z)``, each [B, T] in fp32 (fp64 for fp64 logits). Materialises
+    [B, T, V] temporaries, as TRL does; -inf logits (a masked vocabulary) add nothing to the entropy."""
+    z = _acc(logits) / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    V = logits.shape[-1]
+    inside = (labels >= 0) & (labels < V)  # out-of-range labels give NaN, as the kernels do
+    logprob = torch.gather(logp, 2, labels.long().clamp(0, V - 1).unsqueeze(2)).squeeze(2)
+    logprob = torch.where(inside, logprob, float("nan"))
+    lse = torch.logsumexp(z, dim=-1)
+    pd = torch.softmax(z, dim=-1)
+    finite_z = torch.where(torch.isinf(z), 0.0, z)  # p = 0 there; keeps 0 * inf out of values and gradients
+    entropy = lse - (pd * finite_z).sum(-1)
+    return logprob, entropy, lse
+
+
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token KL(policy || reference) over the whole vocabulary (TRL's ``kl_penalty="full"``:
+    ``F.kl_div(ref_logprob, logprob, log_target=True, reduction="none").sum(-1)``), [B, T] fp32."""
+    logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
+    ref = torch.log_softmax(_acc(ref_logits) / temperature, dim=-1)
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - ref), 0.0).sum(-1)  # tokens the policy excludes add nothing
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,40 +33,72 @@ C10_HOST_DEVICE inline T log_(T x) {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Running softmax statistics of a set of values z: max m, s = sum exp(z - m), sz = sum exp(z - m) z.
-// -inf entries (a masked vocabulary) contribute nothing.
+// Running softmax statistics of a set of values z, relative to their running max m:
+// s = sum exp(z - m), sd = sum exp(z - m) (z - m). Keeping sd relative to m (not sum exp(z - m) z)
+// avoids the cancellation of lse - sum p z, two numbers of the size of the logits.
+// -inf entries (a masked vocabulary) contribute nothing. T: float, or double for fp64 logits on CPU.
+template <typename T>
 struct Online {
-  float m, s, sz;
+  T m, s, sd;
 };
 
-C10_HOST_DEVICE inline Online online_init() {
-  return {kNegInf, 0.f, 0.f};
+template <typename T>
+C10_HOST_DEVICE inline Online<T> online_init() {
+  return {-std::numeric_limits<T>::infinity(), T(0), T(0)};
 }
 
-C10_HOST_DEVICE inline Online online_merge(Online a, Online b) {
-  if (a.m == kNegInf) return b;
-  if (b.m == kNegInf) return a;
-  const float m = a.m > b.m ? a.m : b.m;
-  const float ea = exp_(a.m - m), eb = exp_(b.m - m);
-  return {m, a.s * ea + b.s * eb, a.sz * ea + b.sz * eb};
+template <typename T>
+C10_HOST_DEVICE inline bool is_neg_inf(T x) {
+  return x == -std::numeric_limits<T>::infinity();
 }
 
-// lse and entropy from the final statistics. A row of only -inf has lse -inf and entropy 0.
-C10_HOST_DEVICE inline void online_finish(Online o, float& lse, float& entropy) {
-  if (o.m == kNegInf || !(o.s > 0.f)) {
-    lse = kNegInf;
-    entropy = 0.f;
+// Re-expresses o relative to a larger max m (shifting sd by (o.m - m) per unit of mass).
+template <typename T>
+C10_HOST_DEVICE inline Online<T> online_rebase(Online<T> o, T m) {
+  if (is_neg_inf(o.m)) return {m, T(0), T(0)};
+  const T scale = exp_(o.m - m);
+  return {m, o.s * scale, scale * (o.sd + o.s * (o.m - m))};
+}
+
+template <typename T>
+C10_HOST_DEVICE inline Online<T> online_merge(Online<T> a, Online<T> b) {
+  if (is_neg_inf(a.m)) return b;
+  if (is_neg_inf(b.m)) return a;
+  const T m = a.m > b.m ? a.m : b.m;
+  const Online<T> ra = online_rebase(a, m), rb = online_rebase(b, m);
+  return {m, ra.s + rb.s, ra.sd + rb.sd};
+}
+
+// Adds one value (already known to be <= o.m).
+template <typename T>
+C10_HOST_DEVICE inline void online_add(Online<T>& o, T z) {
+  if (is_neg_inf(z)) return;
+  const T d = z - o.m;
+  const T e = exp_(d);
+  o.s += e;
+  o.sd += e * d;
+}
+
+// log s, lse = m + log s and entropy = log s - sd / s. A row of only -inf has lse -inf, entropy 0.
+template <typename T>
+C10_HOST_DEVICE inline void online_finish(Online<T> o, T& log_s, T& lse, T& entropy) {
+  if (is_neg_inf(o.m) || !(o.s > T(0))) {
+    log_s = std::numeric_limits<T>::infinity();
+    lse = -std::numeric_limits<T>::infinity();
+    entropy = T(0);
     return;
   }
-  lse = o.m + log_(o.s);
-  entropy = lse - o.sz / o.s;
+  log_s = log_(o.s);
+  lse = o.m + log_s;
+  entropy = log_s - o.sd / o.s;
 }
 
-// d(logprob, entropy)/dz_j for one vocabulary entry.
-C10_HOST_DEVICE inline float grad_z(float z, bool is_label, float lse, float entropy, float g_lp, float g_h) {
-  const float p = z == kNegInf ? 0.f : exp_(z - lse);
-  float d = g_lp * ((is_label ? 1.f : 0.f) - p);
-  if (g_h != 0.f && p > 0.f) d -= g_h * p * (z - lse + entropy);
+// d(logprob, entropy)/dz_j for one vocabulary entry (g_lp, g_h already divided by the temperature).
+template <typename T>
+C10_HOST_DEVICE inline T grad_z(T z, bool is_label, T lse, T entropy, T g_lp, T g_h) {
+  const T p = is_neg_inf(z) ? T(0) : exp_(z - lse);
+  T d = g_lp * ((is_label ? T(1) : T(0)) - p);
+  if (g_h != T(0) && p > T(0)) d -= g_h * p * ((z - lse) + entropy);
   return d;
 }
 
