@@ -95,15 +95,7 @@ at::Tensor backward_impl(const char* op, const at::Tensor& grad_logprob, const s
   const at::Tensor logits = check_logits(op, "logits", logits_in);
   const at::Tensor labels = check_labels(op, labels_in, logits);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_logprob", &grad_logprob},
-                                {"lse", &lse},
-                                {"entropy", &entropy},
-                                {"grad_entropy", grad_entropy ? &*grad_entropy : nullptr}}) {
-    if (t == nullptr) continue;
-    check::same_device(op, name, *t, "logits", logits);
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == T, op, ": ", name, " must be [B, T] = [", B, ", ",
-                T, "], got ", check::shape_str(*t));
-  }
+  check_backward_inputs(op, logits, grad_logprob, grad_entropy, lse, entropy);
   const auto acc = acc_type(logits);
   const at::Tensor g_lp = grad_logprob.to(acc).contiguous(), ls = lse.to(acc).contiguous();
   const at::Tensor ent = entropy.to(acc).contiguous();

@@ -212,11 +212,7 @@ at::Tensor moments_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>&
 
 void moments_merge_cuda(at::Tensor& state, const at::Tensor& batches) {
   const char* op = "moments_merge_";
-  check_state(op, state, state);
-  check::same_device(op, "batches", batches, "state", state);
-  TORCH_CHECK(batches.scalar_type() == at::kDouble && batches.dim() == 2 && batches.size(1) == kSlots, op,
-              ": batches must be float64 [K, 4] (count, mean, M2, non-finite per batch), got ", batches.scalar_type(),
-              " ", check::shape_str(batches));
+  check_batches(op, state, batches);
   const c10::cuda::CUDAGuard guard(state.device());
   const at::Tensor b = batches.contiguous();
   merge_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(state.data_ptr<double>(), b.data_ptr<double>(),

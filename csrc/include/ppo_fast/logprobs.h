@@ -124,6 +124,22 @@ inline at::Tensor check_labels(const char* op, const at::Tensor& labels, const a
   return labels.to(at::kLong).contiguous();
 }
 
+// The [B, T] side inputs of the backward: grad_logprob, lse, entropy and (optional) grad_entropy.
+inline void check_backward_inputs(const char* op, const at::Tensor& logits, const at::Tensor& grad_logprob,
+                                  const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse,
+                                  const at::Tensor& entropy) {
+  const int64_t B = logits.size(0), T = logits.size(1);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_logprob", &grad_logprob},
+                                {"lse", &lse},
+                                {"entropy", &entropy},
+                                {"grad_entropy", grad_entropy ? &*grad_entropy : nullptr}}) {
+    if (t == nullptr) continue;
+    check::same_device(op, name, *t, "logits", logits);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == T, op, ": ", name, " must be [B, T] = [", B, ", ",
+                T, "], got ", check::shape_str(*t));
+  }
+}
+
 inline void check_temperature(const char* op, double temperature) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be finite and > 0, got ",
               temperature);

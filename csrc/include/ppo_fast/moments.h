@@ -92,6 +92,14 @@ inline void check_state(const char* op, const at::Tensor& state, const at::Tenso
   TORCH_CHECK(state.is_contiguous(), op, ": state must be contiguous");
 }
 
+inline void check_batches(const char* op, const at::Tensor& state, const at::Tensor& batches) {
+  check_state(op, state, state);
+  check::same_device(op, "batches", batches, "state", state);
+  TORCH_CHECK(batches.scalar_type() == at::kDouble && batches.dim() == 2 && batches.size(1) == kSlots, op,
+              ": batches must be float64 [K, 4] (count, mean, M2, non-finite per batch), got ", batches.scalar_type(),
+              " ", check::shape_str(batches));
+}
+
 inline Normalize check_normalize(const char* op, bool scale, bool center, std::optional<double> clip, double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
   if (clip) TORCH_CHECK(!std::isnan(*clip) && *clip > 0, op, ": clip must be > 0 (or None), got ", *clip);
