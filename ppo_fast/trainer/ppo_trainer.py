@@ -1,0 +1,901 @@
+"""``PPOTrainer``: TRL 0.11's PPO trainer API, run on ppo_fast's fused ops.
+
+One ``step(queries, responses, scores)`` does, in order (DESIGN.md section 3):
+
+1. score scaling / normalisation / clipping with running moments shared by all processes;
+2. no-grad forward passes of the policy and the reference in minibatches, log-probs straight from
+   the logits through the fused ``logprobs`` op (the [B, T, V] logits are dropped chunk by chunk,
+   never kept for the entropy);
+3. per-token rewards, GAE, returns and advantage whitening in one fused op;
+4. ``ppo_epochs`` over shuffled minibatches under ``accelerator.accumulate``: forward, the fused
+   clipped loss, backward, optional grad-norm clipping, optimizer step; early stopping on the
+   all-reduced policy KL;
+5. the KL controller update; 6. ``lr_scheduler.step()`` once; 7. statistics reduced across
+   processes, under TRL's key names.
+
+The minibatch loop never synchronises with the host except for the early-stopping decision (once
+per epoch, and only with ``early_stopping=True``). ``use_fused_kernels=False`` runs the same trainer
+on the eager reference (``ppo_fast.reference``), for A/B comparisons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+
+from ppo_fast import functional as F
+from ppo_fast.models import AutoModelForCausalLMWithValueHead, create_reference_model
+from ppo_fast.reference import PPO_LOSS_STATS
+from ppo_fast.trainer.config import PPOConfig
+
+try:  # TEMP until distributed.py lands
+    from ppo_fast.trainer.distributed import build_accelerator
+except ImportError:
+    from accelerate import Accelerator as build_accelerator
+from ppo_fast.trainer.kl_controllers import AdaptiveKLController, FixedKLController
+from ppo_fast.trainer.running_moments import RunningMoments
+
+__all__ = ["PPOTrainer"]
+
+# Train statistics reported per step (TRL's names under ``ppo/``): the loss op's, in its order, then ours.
+_LOSS_STAT_KEYS = tuple(k for k in PPO_LOSS_STATS if not k.startswith("ppo/"))
+_SKIPPED = PPO_LOSS_STATS.index("ppo/skipped")
+_POLICYKL = PPO_LOSS_STATS.index("policy/policykl")
+_RATIO_MEAN = PPO_LOSS_STATS.index("policy/ratio_mean")
+_N_TRAIN_STATS = len(PPO_LOSS_STATS) + 1  # + the entropy of the policy
+
+# Per-row rollout quantities gathered from all processes once per step (columns of one tensor).
+_ROW_COLUMNS = ("kl", "neg_logprob", "non_score_reward", "tokens", "score", "query_len", "response_len")
+
+
+def _empty_device_cache() -> None:
+    """Return cached device memory to the driver (``optimize_device_cache``)."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        torch.xpu.empty_cache()
+    if torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+class PPOTrainer:
+    """Proximal Policy Optimisation for a causal LM with a value head (TRL 0.11's ``PPOTrainer``).
+
+    Args:
+        config: a :class:`PPOConfig`.
+        model: the policy, an :class:`AutoModelForCausalLMWithValueHead`.
+        ref_model: the frozen reference (same class). None: a PEFT policy uses its base model with the
+            adapter disabled; any other policy gets ``create_reference_model(model, num_shared_layers)``.
+        tokenizer: the policy's tokenizer (``pad_token_id``, else ``eos_token_id``, pads batches).
+        dataset: optional ``datasets.Dataset`` or torch dataset; ``trainer.dataloader`` then yields
+            ``config.batch_size`` samples per process and step.
+        optimizer: any ``torch.optim.Optimizer`` (SGD, bitsandbytes Adam8bit, ppo_fast Lion8bit, ...),
+            used as given; default Adam over the trainable parameters at ``config.learning_rate``.
+        data_collator: ``collate_fn`` of the dataloader.
+        num_shared_layers: blocks the created reference shares with the policy (see
+            ``create_reference_model``); only when ``ref_model`` is None.
+        lr_scheduler: any scheduler; ``lr_scheduler.step()`` runs once per ``step()`` (on every
+            process, whatever the number of processes).
+        training_data_collator: TRL's hook to build model inputs from ``[{"input_ids", "attention_mask"}]``;
+            by default the batch is right-padded here directly.
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig | None = None,
+        model: AutoModelForCausalLMWithValueHead | None = None,
+        ref_model: AutoModelForCausalLMWithValueHead | None = None,
+        tokenizer: Any = None,
+        dataset: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        data_collator: Callable | None = None,
+        num_shared_layers: int | None = None,
+        lr_scheduler: Any = None,
+        training_data_collator: Callable | None = None,
+    ):
+        config = PPOConfig() if config is None else config
+        self._check_init_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler)
+        self.config = config
+        self.use_fused = F.fused_available() if config.use_fused_kernels is None else bool(config.use_fused_kernels)
+        if self.use_fused and not F.fused_available():
+            raise RuntimeError(
+                "PPOTrainer: use_fused_kernels=True but the ppo_fast extension is not available "
+                "(build it, or set use_fused_kernels=False for the eager reference)"
+            )
+        config.use_fused_kernels = self.use_fused
+
+        set_seed(config.seed)
+        self.accelerator = build_accelerator(
+            log_with=config.log_with,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            project_config=ProjectConfiguration(**config.project_kwargs),
+            **config.accelerator_kwargs,
+        )
+        world = self.accelerator.num_processes
+        config.world_size = world
+        config.global_backward_batch_size = config.backward_batch_size * world
+        config.global_batch_size = config.batch_size * world
+        config.is_encoder_decoder = False
+        config.is_peft_model = bool(getattr(model, "is_peft_model", False))
+        self.is_encoder_decoder = False
+        self.is_peft_model = config.is_peft_model
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self._signature_columns: list[str] | None = None
+        self.training_data_collator = training_data_collator
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+
+        if ref_model is not None:
+            if num_shared_layers is not None:
+                warnings.warn(
+                    "PPOTrainer: num_shared_layers is ignored because ref_model was given", UserWarning, stacklevel=2
+                )
+            self.ref_model = ref_model
+        elif self.is_peft_model:
+            self.ref_model = None  # the policy with its adapter disabled
+        else:
+            self.ref_model = create_reference_model(model, num_shared_layers=num_shared_layers)
+
+        self.optimizer = (
+            torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+            if optimizer is None
+            else optimizer
+        )
+        self.lr_scheduler = lr_scheduler
+
+        self.dataloader = self.prepare_dataloader(dataset, data_collator) if dataset is not None else None
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+                ds_config["train_micro_batch_size_per_gpu"] = config.mini_batch_size
+        # The scheduler is not prepared: Accelerate would step it once per process (and DeepSpeed once
+        # per optimizer step); PPO steps it once per `step()`, as the user expects.
+        self.model, self.optimizer, self.dataloader = self.accelerator.prepare(
+            self.model, self.optimizer, self.dataloader
+        )
+        self.ref_model = self._prepare_reference(self.ref_model)
+        self.current_device = self.accelerator.device
+        self.is_distributed = world > 1
+        self.model_params = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.running = RunningMoments(self.accelerator, device=self.current_device)
+        self.kl_ctl = (
+            AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+            if config.adap_kl_ctrl
+            else FixedKLController(config.init_kl_coef)
+        )
+        self.current_step = 0
+        self._checkpoint_state = _TrainerState(self)
+        for obj in (self.running, self._checkpoint_state):
+            self.accelerator.register_for_checkpointing(obj)
+        if self.lr_scheduler is not None:
+            self.accelerator.register_for_checkpointing(self.lr_scheduler)
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._vocab_size = unwrapped.pretrained_model.get_input_embeddings().num_embeddings
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self._pad_id = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+        if self._pad_id is None:
+            self._pad_id = 0
+        if config.log_with is not None:
+            self.accelerator.init_trackers(
+                config.tracker_project_name,
+                config={"ppo_fast_config": config.to_dict()},
+                init_kwargs=dict(config.tracker_kwargs),
+            )
+
+    # ------------------------------------------------------------------------------------ setup
+    @staticmethod
+    def _check_init_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler) -> None:
+        if not isinstance(config, PPOConfig):
+            raise TypeError(f"PPOTrainer: config must be a PPOConfig, got {type(config).__name__}")
+        if not isinstance(model, AutoModelForCausalLMWithValueHead):
+            raise TypeError(
+                "PPOTrainer: model must be an AutoModelForCausalLMWithValueHead, got "
+                f"{type(model).__name__}; wrap it with AutoModelForCausalLMWithValueHead.from_pretrained(...)"
+            )
+        if ref_model is not None and not isinstance(ref_model, AutoModelForCausalLMWithValueHead):
+            raise TypeError(
+                f"PPOTrainer: ref_model must be an AutoModelForCausalLMWithValueHead or None, got {type(ref_model).__name__}"
+            )
+        if ref_model is model:
+            raise ValueError("PPOTrainer: ref_model must not be the policy itself; pass a frozen copy or None")
+        if tokenizer is None or not hasattr(tokenizer, "pad_token_id"):
+            raise TypeError(f"PPOTrainer: tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"PPOTrainer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if lr_scheduler is not None and not callable(getattr(lr_scheduler, "step", None)):
+            raise TypeError(f"PPOTrainer: lr_scheduler must have a step() method, got {type(lr_scheduler).__name__}")
+        if num_shared_layers is not None and (
+            isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int)
+        ):
+            raise TypeError(f"PPOTrainer: num_shared_layers must be an int or None, got {num_shared_layers!r}")
+        if optimizer is None and not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("PPOTrainer: model has no trainable parameters")
+
+    def _prepare_reference(self, ref: AutoModelForCausalLMWithValueHead | None) -> Any:
+        """ZeRO-3: the reference is sharded as its own DeepSpeed engine (no optimizer), so it is not
+        replicated on every rank; otherwise it is a plain frozen module on the device (an 8-bit or
+        ``device_map``-placed model stays where it was loaded)."""
+        if ref is None:
+            return None
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        quantized = ref.is_quantized or getattr(ref.pretrained_model, "hf_device_map", None) is not None
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED and not quantized:
+            import copy
+
+            import deepspeed
+
+            ds_config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+                ds_config.pop("optimizer", None)
+                ds_config.pop("scheduler", None)
+                engine, *_ = deepspeed.initialize(model=ref, config=ds_config)
+                engine.eval()
+                return engine
+        if not quantized:
+            ref.to(self.accelerator.device)
+        return ref
+
+    def prepare_dataloader(self, dataset: Any, data_collator: Callable | None = None) -> torch.utils.data.DataLoader:
+        """A shuffled dataloader of ``config.batch_size`` samples (last partial batch dropped); unused
+        columns of a ``datasets.Dataset`` are removed first (``remove_unused_columns``)."""
+        try:
+            import datasets
+        except ImportError:  # pragma: no cover - datasets comes with the test extra
+            datasets = None
+        if datasets is not None and isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self.config.batch_size, collate_fn=data_collator, shuffle=True, drop_last=True
+        )
+
+    def _remove_unused_columns(self, dataset: Any) -> Any:
+        if not self.config.remove_unused_columns:
+            return dataset
+        if self._signature_columns is None:
+            model = self.model if isinstance(self.model, AutoModelForCausalLMWithValueHead) else None
+            model = model or self.accelerator.unwrap_model(self.model)
+            self._signature_columns = [*inspect.signature(model.forward).parameters, "label", "query", "response"]
+        ignored = [c for c in dataset.column_names if c not in self._signature_columns]
+        return dataset.remove_columns(ignored)
+
+    # ------------------------------------------------------------------------------------ inputs
+    def _check_step_inputs(
+        self, queries: Any, responses: Any, scores: Any, response_masks: Any
+    ) -> tuple[list, list, torch.Tensor, list | None]:
+        bs = self.config.batch_size
+        named = {"queries": queries, "responses": responses, "scores": scores}
+        if response_masks is not None:
+            named["response_masks"] = response_masks
+        for name, value in named.items():
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"PPOTrainer.step: {name} must be a list of tensors, got {type(value).__name__}")
+            if len(value) != bs:
+                raise ValueError(
+                    f"PPOTrainer.step: {name} has {len(value)} elements but config.batch_size is {bs} (per process)"
+                )
+        device = self.current_device
+        for name, value in named.items():
+            for i, t in enumerate(value):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"PPOTrainer.step: {name}[{i}] must be a tensor, got {type(t).__name__}")
+                if t.device.type != "cpu" and t.device != device:
+                    raise ValueError(
+                        f"PPOTrainer.step: {name}[{i}] is on {t.device} but the trainer runs on {device}; "
+                        "pass CPU tensors or tensors on the trainer's device"
+                    )
+        for name in ("queries", "responses"):
+            for i, t in enumerate(named[name]):
+                if t.dim() != 1 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                    raise ValueError(
+                        f"PPOTrainer.step: {name}[{i}] must be a 1-D tensor of token ids, got "
+                        f"shape {tuple(t.shape)} dtype {t.dtype}"
+                    )
+                if t.numel() < 1:
+                    raise ValueError(f"PPOTrainer.step: {name}[{i}] is empty; every {name[:-1]} needs >= 1 token")
+        for i, s in enumerate(scores):
+            if s.numel() != 1 or s.dtype == torch.bool or s.dtype.is_complex:
+                raise ValueError(
+                    f"PPOTrainer.step: scores[{i}] must hold one real number, got shape {tuple(s.shape)} dtype {s.dtype}"
+                )
+        if response_masks is not None:
+            for i, (m, r) in enumerate(zip(response_masks, responses)):
+                if m.shape != r.shape:
+                    raise ValueError(
+                        f"PPOTrainer.step: response_masks[{i}] has shape {tuple(m.shape)} but responses[{i}] has "
+                        f"{tuple(r.shape)}"
+                    )
+        score_t = torch.stack([s.reshape(()).to(device, torch.float32) for s in scores])
+        bad = ~torch.isfinite(score_t)
+        if bad.any():  # one synchronisation per step, before anything changes
+            raise ValueError(
+                f"PPOTrainer.step: scores must be finite; NaN or inf at {bad.nonzero().flatten().tolist()}"
+            )
+        return list(queries), list(responses), score_t, None if response_masks is None else list(response_masks)
+
+    def _build_inputs(
+        self, queries: list, responses: list, response_masks: list | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ``input_ids`` and ``attention_mask`` [B, L] and the response mask [B, L - 1]
+        over log-prob positions (position t scores token t + 1)."""
+        device = self.current_device
+        seqs = [torch.cat([q.to(device), r.to(device)]).long() for q, r in zip(queries, responses)]
+        if self.training_data_collator is not None:
+            data = self.training_data_collator([{"input_ids": s, "attention_mask": torch.ones_like(s)} for s in seqs])
+            input_ids, attention_mask = data["input_ids"].to(device), data["attention_mask"].to(device)
+            if (attention_mask[:, 0] == 0).any():
+                raise ValueError("PPOTrainer: training_data_collator must pad on the right")
+        else:
+            input_ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self._pad_id)
+            attention_mask = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones_like(s) for s in seqs], batch_first=True, padding_value=0
+            )
+        resp = [
+            torch.cat(
+                [
+                    torch.zeros(len(q), device=device),
+                    (m.to(device) != 0).float() if m is not None else torch.ones(len(r), device=device),
+                ]
+            )
+            for q, r, m in zip(queries, responses, response_masks or [None] * len(queries))
+        ]
+        seq_mask = torch.nn.utils.rnn.pad_sequence(resp, batch_first=True, padding_value=0.0)
+        if seq_mask.shape[1] < input_ids.shape[1]:
+            seq_mask = torch.nn.functional.pad(seq_mask, (0, input_ids.shape[1] - seq_mask.shape[1]))
+        if self.is_distributed:
+            # Equal lengths on every rank, so per-token statistics gather into one tensor.
+            input_ids = self.accelerator.pad_across_processes(input_ids, dim=1, pad_index=self._pad_id)
+            attention_mask = self.accelerator.pad_across_processes(attention_mask, dim=1, pad_index=0)
+            seq_mask = self.accelerator.pad_across_processes(seq_mask, dim=1, pad_index=0)
+        lo, hi = int(input_ids.min()), int(input_ids.max())  # one synchronisation, before any state changes
+        if lo < 0 or hi >= self._vocab_size:
+            raise ValueError(
+                f"PPOTrainer.step: token ids must be in [0, {self._vocab_size}) (the model's vocabulary); "
+                f"queries/responses hold ids in [{lo}, {hi}]"
+            )
+        return input_ids, attention_mask, seq_mask[:, 1:].contiguous()
+
+    # ------------------------------------------------------------------------------------ forward
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[Any]:
+        """The module that computes reference log-probs: the reference, or the PEFT policy with its
+        adapter disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with unwrapped.disable_adapter():
+            yield self.model
+
+    def _logprobs(
+        self, logits: torch.Tensor, labels: torch.Tensor, *, train: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # In training the logits come straight from the LM head and nothing else reads them, so the
+        # fused backward writes d loss / d logits into their storage (no second [B, T, V] buffer).
+        return F.logprobs_from_logits(
+            logits,
+            labels,
+            return_entropy=True,
+            validate=False,
+            inplace_backward=train and self.use_fused and logits.requires_grad,
+            use_fused=self.use_fused,
+        )
+
+    @torch.no_grad()
+    def _rollout_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Policy log-probs, values and reference log-probs [B, L - 1] (and the full-vocabulary KL for
+        ``kl_penalty="full"``), in chunks of ``mini_batch_size``: one chunk's logits live at a time."""
+        fbs = self.config.mini_batch_size
+        full = self.config.kl_penalty == "full"
+        logprobs, values, ref_logprobs, kls = [], [], [], []
+        self.model.eval()
+        for i in range(0, input_ids.shape[0], fbs):
+            ids, am = input_ids[i : i + fbs], attention_mask[i : i + fbs]
+            labels = ids[:, 1:]
+            logits, _, v = self.model(input_ids=ids, attention_mask=am)
+            logits = logits[:, :-1]
+            logprobs.append(self._logprobs(logits, labels, train=False)[0])
+            values.append(v[:, :-1].float())
+            if not full:
+                del logits
+            with self._reference() as ref:
+                ref_logits, _, _ = ref(input_ids=ids, attention_mask=am)
+            ref_logits = ref_logits[:, :-1]
+            ref_logprobs.append(self._logprobs(ref_logits, labels, train=False)[0])
+            if full:
+                kls.append(F.full_kl(logits, ref_logits, use_fused=self.use_fused))
+                del logits
+            del ref_logits
+        kl_full = torch.cat(kls) if full else None
+        return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), kl_full
+
+    def _advantages(
+        self,
+        scores: torch.Tensor,
+        logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        kl_full: torch.Tensor | None,
+    ) -> F.RolloutAdvantages:
+        cfg = self.config
+        if kl_full is not None:  # rewards from the full-vocabulary KL: kl = kl_full - 0
+            logprobs, ref_logprobs, penalty = kl_full, torch.zeros_like(kl_full), "kl"
+        else:
+            penalty = cfg.kl_penalty
+        kl_coef = self.kl_ctl.value
+        if cfg.advantage_whitening == "global" and self.is_distributed:
+            rewards, non_score, kl = F.compute_rewards(
+                scores, logprobs, ref_logprobs, mask, kl_coef, penalty, use_fused=self.use_fused
+            )
+            if cfg.whiten_rewards:
+                rewards = F.masked_whiten(rewards, mask, shift_mean=False, use_fused=self.use_fused) * mask
+            adv, returns = F.gae(values, rewards, mask, cfg.gamma, cfg.lam, use_fused=self.use_fused)
+            adv = self._global_whiten(adv, mask)
+            return F.RolloutAdvantages(rewards, non_score, kl, adv, returns)
+        return F.rollout_advantages(
+            scores,
+            logprobs,
+            ref_logprobs,
+            values,
+            mask,
+            kl_coef,
+            penalty,
+            cfg.gamma,
+            cfg.lam,
+            whiten_rewards=cfg.whiten_rewards,
+            use_fused=self.use_fused,
+        )
+
+    def _global_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Whiten with the masked mean and Bessel-corrected variance of all processes' tokens."""
+        state = torch.zeros(4, dtype=torch.float64, device=x.device)
+        batches = self.accelerator.gather(F.moments(x, mask, use_fused=self.use_fused)[None])
+        F.moments_merge_(state, batches, use_fused=self.use_fused)
+        n, mean = state[0], state[1]
+        var = torch.where(n > 1, state[2] / (n - 1).clamp(min=1), torch.ones_like(n))
+        return ((x.double() - mean) * torch.rsqrt(var + 1e-8)).to(x.dtype)
+
+    # ------------------------------------------------------------------------------------ step
+    def step(
+        self,
+        queries: list[torch.Tensor],
+        responses: list[torch.Tensor],
+        scores: list[torch.Tensor],
+        response_masks: list[torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """One PPO step on ``config.batch_size`` (query, response, score) triples of this process.
+
+        Args:
+            queries, responses: lists of 1-D token-id tensors (each at least one token).
+            scores: list of scalar tensors, one per response.
+            response_masks: optional lists of 0/1 per response token (0: the token is not trained on,
+                e.g. tool output inside a multi-turn response).
+        Returns: statistics under TRL's names (floats, and numpy arrays for distributions), identical
+        on every process.
+        """
+        cfg = self.config
+        queries, responses, scores, response_masks = self._check_step_inputs(queries, responses, scores, response_masks)
+        input_ids, attention_mask, mask = self._build_inputs(queries, responses, response_masks)
+        # -- nothing above changed any state; from here on the step runs
+        if cfg.optimize_device_cache:
+            _empty_device_cache()
+        t0 = time.perf_counter()
+        timing = {}
+        if cfg.use_score_scaling:
+            scores, _ = self.running.update_normalize(
+                scores, scale=True, center=cfg.use_score_norm, clip=cfg.score_clip, validate=False
+            )
+        elif cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+
+        t = time.perf_counter()
+        logprobs, values, ref_logprobs, kl_full = self._rollout_forward(input_ids, attention_mask)
+        timing["time/ppo/forward_pass"] = time.perf_counter() - t
+        if cfg.optimize_device_cache:
+            _empty_device_cache()
+
+        t = time.perf_counter()
+        maskf = mask.to(values.dtype)
+        values = values * maskf
+        rollout = self._advantages(scores, logprobs, ref_logprobs, values, mask, kl_full)
+        timing["time/ppo/compute_advantages"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        train_rows, ratios = self._optimize(input_ids, attention_mask, mask, logprobs, ref_logprobs, values, rollout)
+        timing["time/ppo/optimize_step"] = time.perf_counter() - t
+        if cfg.optimize_device_cache:
+            _empty_device_cache()
+
+        t = time.perf_counter()
+        stats = self._record_step_stats(
+            scores, logprobs, ref_logprobs, mask, rollout, train_rows, ratios, queries, responses
+        )
+        timing["time/ppo/calc_stats"] = time.perf_counter() - t
+        stats["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
+        self.kl_ctl.update(stats["objective/kl"], cfg.batch_size * self.accelerator.num_processes)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        timing["time/ppo/total"] = time.perf_counter() - t0
+        stats.update(timing)
+        self.current_step += 1
+        return stats
+
+    def _optimize(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        old_values: torch.Tensor,
+        rollout: F.RolloutAdvantages,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PPO epochs over shuffled minibatches. Returns the per-minibatch stat rows
+        [n_minibatches, _N_TRAIN_STATS] and the masked policy ratios [n_minibatches x mb, T]."""
+        cfg = self.config
+        bs, mbs = cfg.batch_size, cfg.mini_batch_size
+        device = self.current_device
+        rows, ratios = [], []
+        use_ref = cfg.kl_loss_coef > 0
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(bs).to(device)
+            last_policykl = None
+            for start in range(0, bs, mbs):
+                idx = perm[start : start + mbs]
+                mb_mask = mask[idx]
+                with self.accelerator.accumulate(self.model):
+                    self.model.eval()  # as TRL: no dropout, so the first epoch's ratio is exactly 1
+                    ids = input_ids[idx]
+                    logits, _, vpreds = self.model(input_ids=ids, attention_mask=attention_mask[idx])
+                    logprob, entropy = self._logprobs(logits[:, :-1], ids[:, 1:], train=True)
+                    del logits
+                    loss, st = F.ppo_loss(
+                        logprob,
+                        vpreds[:, :-1],
+                        old_logprobs[idx],
+                        old_values[idx],
+                        rollout.advantages[idx],
+                        rollout.returns[idx],
+                        mb_mask,
+                        ref_logprobs[idx] if use_ref else None,
+                        cliprange=cfg.cliprange,
+                        cliprange_value=cfg.cliprange_value,
+                        vf_coef=cfg.vf_coef,
+                        kl_coef=cfg.kl_loss_coef,
+                        kl_estimator=cfg.kl_estimator,
+                        dual_clip=cfg.dual_clip,
+                        log_ratio_clamp=cfg.log_ratio_clamp,
+                        aggregation=cfg.loss_aggregation,
+                        ratio_threshold=cfg.ratio_threshold,
+                        use_fused=self.use_fused,
+                    )
+                    self.accelerator.backward(loss)
+                    if cfg.max_grad_norm is not None and self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(self.model_params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                with torch.no_grad():
+                    mbm = mb_mask.to(entropy.dtype)
+                    ent = (entropy.detach() * mbm).sum() / mbm.sum().clamp(min=1)
+                    rows.append(torch.cat([st["_vector"].float(), ent.float()[None]]))
+                    ratios.append(torch.exp(logprob.detach() - old_logprobs[idx]) * mbm)
+                last_policykl = st["_vector"][_POLICYKL]
+            if cfg.early_stopping and self._early_stop(last_policykl):
+                break
+        return torch.stack(rows), torch.cat(ratios)
+
+    def _early_stop(self, policykl: torch.Tensor) -> bool:
+        """TRL's rule (stop when the last minibatch's policy KL > 1.5 target_kl), decided on the KL
+        averaged over all processes, so every rank takes the same decision."""
+        kl = policykl.detach().float().reshape(1)
+        if self.is_distributed:
+            kl = self.accelerator.reduce(kl, reduction="mean")
+        stop = float(kl) > 1.5 * self.config.target_kl
+        if stop:
+            self.optimizer.zero_grad()
+        return stop
+
+    # ------------------------------------------------------------------------------------ stats
+    def _record_step_stats(
+        self,
+        scores: torch.Tensor,
+        logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        mask: torch.Tensor,
+        rollout: F.RolloutAdvantages,
+        train_rows: torch.Tensor,
+        ratios: torch.Tensor,
+        queries: list,
+        responses: list,
+    ) -> dict[str, Any]:
+        acc = self.accelerator
+        m = mask.to(torch.float32)
+        device = self.current_device
+        per_row = torch.stack(
+            [
+                (rollout.kl.float() * m).sum(-1),
+                (-logprobs.float() * m).sum(-1),
+                (rollout.non_score_rewards.float() * m).sum(-1),
+                m.sum(-1),
+                scores.float(),
+                torch.tensor([len(q) for q in queries], dtype=torch.float32, device=device),
+                torch.tensor([len(r) for r in responses], dtype=torch.float32, device=device),
+            ],
+            dim=1,
+        )
+        train = train_rows.mean(0)
+        arrays = {
+            "objective/logprobs": logprobs.float(),
+            "objective/ref_logprobs": ref_logprobs.float(),
+            "advantages": rollout.advantages.float(),
+            "mask": m,
+        }
+        if self.is_distributed:
+            per_row = acc.gather(per_row)
+            train = acc.reduce(train, reduction="mean")
+            arrays = {k: acc.gather(v) for k, v in arrays.items()}
+            ratios = acc.gather(ratios)
+        # One device-to-host transfer of everything at the end of the step.
+        per_row = per_row.double().cpu().numpy()
+        train = train.double().cpu().tolist()
+        arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
+        ratios = ratios.cpu().numpy()
+
+        cols = dict(zip(_ROW_COLUMNS, per_row.T))
+        n_tokens = cols["tokens"].sum()
+        score = cols["score"]
+        stats: dict[str, Any] = {
+            "objective/kl": float(cols["kl"].mean()),
+            "objective/kl_dist": cols["kl"].astype(np.float32),
+            "objective/logprobs": arrays["objective/logprobs"],
+            "objective/ref_logprobs": arrays["objective/ref_logprobs"],
+            "objective/kl_coef": float(self.kl_ctl.value),
+            "objective/entropy": float(cols["neg_logprob"].mean()),
+            "ppo/mean_non_score_reward": float(cols["non_score_reward"].sum() / max(n_tokens, 1.0)),
+            "ppo/mean_scores": float(score.mean()),
+            "ppo/std_scores": float(score.std(ddof=1)) if len(score) > 1 else float("nan"),
+        }
+        for key, col in (("queries", "query_len"), ("responses", "response_len")):
+            lens = cols[col]
+            stats[f"tokens/{key}_len_mean"] = float(lens.mean())
+            stats[f"tokens/{key}_len_std"] = float(lens.std(ddof=1)) if len(lens) > 1 else float("nan")
+            stats[f"tokens/{key}_dist"] = lens.astype(np.float32)
+        for key, value in zip(PPO_LOSS_STATS, train[: len(PPO_LOSS_STATS)]):
+            if key in ("ppo/tokens", "ppo/rows"):
+                continue
+            stats["ppo/policy/skipped" if key == "ppo/skipped" else f"ppo/{key}"] = value
+        stats["ppo/policy/entropy"] = train[-1]
+        keep = arrays["mask"] != 0
+        stats["ppo/policy/advantages"] = arrays["advantages"][keep].astype(np.float32)
+        stats["ppo/policy/ratio"] = ratios[ratios != 0].astype(np.float32)
+        returns_var = stats["ppo/returns/var"]
+        stats["ppo/val/var_explained"] = 1.0 - stats["ppo/val/error"] / returns_var if returns_var > 0 else float("nan")
+        if stats["ppo/policy/skipped"] > 0:
+            warnings.warn(
+                f"PPOTrainer.step: {stats['ppo/policy/skipped']:.0%} of the minibatches had a mean policy ratio above "
+                f"ratio_threshold={self.config.ratio_threshold} and were skipped",
+                UserWarning,
+                stacklevel=3,
+            )
+        if stats["objective/kl"] < -1.0:
+            warnings.warn(
+                f"PPOTrainer.step: the KL divergence is negative ({stats['objective/kl']:.2f}); generation "
+                "settings (e.g. top_k, min_length) that do not sample from the full distribution cause this",
+                UserWarning,
+                stacklevel=3,
+            )
+        return stats
+
+    def log_stats(
+        self,
+        stats: dict[str, Any],
+        batch: dict[str, Any],
+        rewards: Sequence[torch.Tensor] | torch.Tensor,
+        columns_to_log: Sequence[str] = ("query", "response"),
+    ) -> None:
+        """Log ``stats`` (from ``step``) with the batch's reward mean/std/distribution to the tracker
+        (``config.log_with``); with wandb, also a table of ``columns_to_log`` and rewards."""
+        if isinstance(rewards, torch.Tensor):
+            rewards = rewards.reshape(-1).float()
+        else:
+            rewards = torch.stack([torch.as_tensor(r).reshape(()).float() for r in rewards])
+        rewards = self.accelerator.gather(rewards.to(self.current_device)).reshape(-1).cpu()
+        missing = [c for c in columns_to_log if c not in batch]
+        if missing:
+            raise ValueError(f"PPOTrainer.log_stats: batch has no column(s) {missing}; it has {sorted(batch)}")
+        columns = [list(batch[c]) for c in columns_to_log]
+        if self.is_distributed:
+            from accelerate.utils import gather_object
+
+            columns = [gather_object(c) for c in columns]
+        if not self.accelerator.is_main_process:
+            return
+        logs: dict[str, Any] = {}
+        if self.config.log_with == "wandb":
+            import wandb
+
+            rows = [list(r) for r in zip(*columns, rewards.tolist())]
+            logs["game_log"] = wandb.Table(columns=[*columns_to_log, "reward"], rows=rows)
+        logs.update(stats)
+        logs["env/reward_mean"] = float(rewards.mean())
+        logs["env/reward_std"] = float(rewards.std()) if rewards.numel() > 1 else float("nan")
+        logs["env/reward_dist"] = rewards.numpy()
+        if self.config.log_with == "tensorboard":
+            logs = {k: v for k, v in logs.items() if isinstance(v, (int, float, str))}
+        self.accelerator.log(logs, step=self.current_step)
+
+    # ------------------------------------------------------------------------------------ generate
+    @contextlib.contextmanager
+    def _unwrapped_for_generation(self, model: Any) -> Iterator[AutoModelForCausalLMWithValueHead]:
+        """The bare module; under ZeRO-3 its parameters are gathered once for the whole ``generate``
+        call instead of once per generated token."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if (
+            self.accelerator.distributed_type == DistributedType.DEEPSPEED
+            and getattr(model, "zero_optimization_stage", lambda: 0)() == 3
+        ):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                yield unwrapped
+        else:
+            yield unwrapped
+
+    @torch.no_grad()
+    def generate(
+        self,
+        query_tensor: torch.Tensor | list[torch.Tensor],
+        length_sampler: Callable[[], int] | None = None,
+        batch_size: int = 4,
+        return_prompt: bool = True,
+        generate_ref_response: bool = False,
+        **generation_kwargs: Any,
+    ) -> Any:
+        """Generate responses: a 1-D query gives a [1, L] tensor; a list of 1-D queries is generated in
+        left-padded batches of ``batch_size`` and gives a list of 1-D tensors (padding removed, cut after
+        the first EOS). ``length_sampler()`` draws ``max_new_tokens`` per batch; ``return_prompt=False``
+        returns the responses only; ``generate_ref_response`` also returns the reference's."""
+        if batch_size < 1:
+            raise ValueError(f"PPOTrainer.generate: batch_size must be >= 1, got {batch_size}")
+        generation_kwargs.setdefault("pad_token_id", self._pad_id)
+        ref = None
+        if generate_ref_response:
+            ref = self.model if self.is_peft_model else self.ref_model
+        if isinstance(query_tensor, (list, tuple)):
+            for i, q in enumerate(query_tensor):
+                if not isinstance(q, torch.Tensor) or q.dim() != 1 or q.numel() < 1:
+                    raise ValueError(
+                        f"PPOTrainer.generate: query_tensor[{i}] must be a non-empty 1-D tensor of token ids"
+                    )
+            out = self._generate_batched(
+                self.model, query_tensor, length_sampler, batch_size, return_prompt, **generation_kwargs
+            )
+            if ref is not None:
+                with self._ref_generation_ctx():
+                    ref_out = self._generate_batched(
+                        ref, query_tensor, length_sampler, batch_size, return_prompt, **generation_kwargs
+                    )
+                return out, ref_out
+            return out
+        if not isinstance(query_tensor, torch.Tensor) or query_tensor.dim() != 1:
+            raise ValueError(
+                "PPOTrainer.generate: query_tensor must be a 1-D tensor of token ids or a list of them, got "
+                f"{getattr(query_tensor, 'shape', type(query_tensor).__name__)}"
+            )
+        if length_sampler is not None:
+            generation_kwargs["max_new_tokens"] = length_sampler()
+        ids = query_tensor.to(self.current_device)[None]
+        with self._unwrapped_for_generation(self.model) as m:
+            response = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **generation_kwargs)
+        if not return_prompt:
+            response = response[:, ids.shape[1] :]
+        if ref is not None:
+            with self._ref_generation_ctx(), self._unwrapped_for_generation(ref) as m:
+                ref_response = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **generation_kwargs)
+            if not return_prompt:
+                ref_response = ref_response[:, ids.shape[1] :]
+            return response, ref_response
+        return response
+
+    def _ref_generation_ctx(self):
+        if self.is_peft_model:
+            return self.accelerator.unwrap_model(self.model).disable_adapter()
+        return contextlib.nullcontext()
+
+    def _generate_batched(
+        self,
+        model: Any,
+        queries: Sequence[torch.Tensor],
+        length_sampler: Callable[[], int] | None,
+        batch_size: int,
+        return_prompt: bool,
+        remove_padding: bool = True,
+        **generation_kwargs: Any,
+    ) -> list[torch.Tensor]:
+        outputs = []
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        device = self.current_device
+        for i in range(0, len(queries), batch_size):
+            if length_sampler is not None:
+                generation_kwargs["max_new_tokens"] = length_sampler()
+            batch = [q.to(device) for q in queries[i : i + batch_size]]
+            width = max(len(q) for q in batch)
+            ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long, device=device)
+            am = torch.zeros_like(ids)
+            for j, q in enumerate(batch):  # left padding: generation continues every row at the end
+                ids[j, width - len(q) :] = q
+                am[j, width - len(q) :] = 1
+            with self._unwrapped_for_generation(model) as m:
+                generations = m.generate(input_ids=ids, attention_mask=am, **generation_kwargs)
+            for q, generation in zip(batch, generations):
+                output = generation[width - len(q) :]
+                if not return_prompt:
+                    output = output[len(q) :]
+                if remove_padding and eos is not None:
+                    hits = (output[len(q) if return_prompt else 0 :] == eos).nonzero()
+                    if len(hits):
+                        output = output[: int(hits[0, 0]) + (len(q) if return_prompt else 0) + 1]  # keep the EOS
+                outputs.append(output)
+        return outputs
+
+    # ------------------------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """The policy with its value head (consolidated from all ranks under ZeRO-3) and the tokenizer,
+        loadable with ``AutoModelForCausalLMWithValueHead.from_pretrained`` without DeepSpeed."""
+        state_dict = self.accelerator.get_state_dict(self.model)
+        if self.accelerator.is_main_process:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            unwrapped.save_pretrained(save_directory, state_dict=state_dict)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(save_directory)
+        self.accelerator.wait_for_everyone()
+
+    def _save_pretrained(self, save_directory: str | os.PathLike) -> None:  # TRL's name
+        self.save_pretrained(save_directory)
+
+    def save_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
+        """Everything a resumed run needs: model and value head, optimizer (8-bit state included),
+        scheduler, running score moments, KL controller, step count and every process's RNG states
+        (through ``accelerator.save_state``)."""
+        self.accelerator.save_state(os.fspath(checkpoint_dir), safe_serialization=False)
+
+    def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
+        """Restore what ``save_checkpoint`` wrote; the next ``step`` continues as the original run would."""
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        if not os.path.isdir(checkpoint_dir):
+            raise FileNotFoundError(f"PPOTrainer.load_checkpoint: no checkpoint directory at {checkpoint_dir}")
+        self.accelerator.load_state(checkpoint_dir)
+
+
+class _TrainerState:
+    """The trainer's own counters for ``accelerator.save_state``: KL controller and step count."""
+
+    def __init__(self, trainer: PPOTrainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current_step": self.trainer.current_step, "kl_ctl": self.trainer.kl_ctl.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.current_step = int(state["current_step"])
+        self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
