@@ -99,7 +99,12 @@ class PPOConfig:
     forward_batch_size: int | None = field(
         default=None, metadata={"help": "Deprecated (TRL): use mini_batch_size; sets it when given."}
     )
-    mini_batch_size: int = field(default=128, metadata={"help": "Samples per forward pass and optimizer minibatch."})
+    mini_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Samples per forward pass and optimizer minibatch (default: TRL's 128, or batch_size when smaller)."
+        },
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Minibatches per optimizer step."})
     world_size: int | None = field(default=None, metadata={"help": "Set by the trainer: number of processes."})
     ppo_epochs: int = field(default=4, metadata={"help": "Optimisation epochs over each batch."})
@@ -173,6 +178,11 @@ class PPOConfig:
                 stacklevel=3,
             )
             self.mini_batch_size = self.forward_batch_size
+        if self.mini_batch_size is None:
+            # TRL's default is 128, which made its own guide's PPOConfig(batch_size=1) raise; a batch smaller than
+            # 128 is one minibatch here unless the user says otherwise.
+            bs = self.batch_size
+            self.mini_batch_size = min(128, bs) if isinstance(bs, int) and not isinstance(bs, bool) and bs > 0 else 128
         for name in ("tracker_kwargs", "accelerator_kwargs", "project_kwargs", "push_to_hub_if_best_kwargs"):
             value = getattr(self, name)
             if not isinstance(value, dict):

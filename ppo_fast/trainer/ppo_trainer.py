@@ -37,11 +37,7 @@ from ppo_fast import functional as F
 from ppo_fast.models import AutoModelForCausalLMWithValueHead, create_reference_model
 from ppo_fast.reference import PPO_LOSS_STATS
 from ppo_fast.trainer.config import PPOConfig
-
-try:  # TEMP until distributed.py lands
-    from ppo_fast.trainer.distributed import build_accelerator
-except ImportError:
-    from accelerate import Accelerator as build_accelerator
+from ppo_fast.trainer.distributed import build_accelerator
 from ppo_fast.trainer.kl_controllers import AdaptiveKLController, FixedKLController
 from ppo_fast.trainer.running_moments import RunningMoments
 
@@ -210,7 +206,8 @@ class PPOTrainer:
             )
         if ref_model is not None and not isinstance(ref_model, AutoModelForCausalLMWithValueHead):
             raise TypeError(
-                f"PPOTrainer: ref_model must be an AutoModelForCausalLMWithValueHead or None, got {type(ref_model).__name__}"
+                "PPOTrainer: ref_model must be an AutoModelForCausalLMWithValueHead or None, got "
+                f"{type(ref_model).__name__}"
             )
         if ref_model is model:
             raise ValueError("PPOTrainer: ref_model must not be the policy itself; pass a frozen copy or None")
@@ -313,7 +310,8 @@ class PPOTrainer:
         for i, s in enumerate(scores):
             if s.numel() != 1 or s.dtype == torch.bool or s.dtype.is_complex:
                 raise ValueError(
-                    f"PPOTrainer.step: scores[{i}] must hold one real number, got shape {tuple(s.shape)} dtype {s.dtype}"
+                    f"PPOTrainer.step: scores[{i}] must hold one real number, got shape {tuple(s.shape)} "
+                    f"dtype {s.dtype}"
                 )
         if response_masks is not None:
             for i, (m, r) in enumerate(zip(response_masks, responses)):
