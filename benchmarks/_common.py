@@ -33,11 +33,13 @@ def synced(fn, device: str):
     return run
 
 
-def run_benchmark(benchmark, fn, args, device: str, *, rounds: int, bytes_moved: int | None = None, **info):
-    """Times ``fn(*args)`` with pytest-benchmark (one warm-up call first, which also triggers
+def run_benchmark(
+    benchmark, fn, args, device: str, *, rounds: int, bytes_moved: int | None = None, warmup: int = 3, **info
+):
+    """Times ``fn(*args)`` with pytest-benchmark (``warmup`` untimed calls first, which also trigger
     compilation), and records achieved GB/s and peak device memory in ``extra_info``."""
     fn = synced(fn, device)
-    for _ in range(3):  # warm-up: compile (and any background autotuning), allocator, caches
+    for _ in range(warmup):  # compile (and any background autotuning), allocator, caches
         fn(*args)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

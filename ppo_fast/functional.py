@@ -371,6 +371,8 @@ def logprobs_from_logits(
         )
     if inplace_backward:
         logprob, entropy, _ = _ops.LogprobsInplaceGrad.apply(logits, labels, temperature)
+    elif not fused and not return_entropy:
+        return reference.logprob_of_labels(logits, labels, temperature)
     else:
         fn = _ops.ops.logprobs if fused else reference.logprobs
         logprob, entropy, _ = fn(logits, labels, temperature)

@@ -496,6 +496,17 @@ def logprobs(
     return logprob, entropy, lse
 
 
+def logprob_of_labels(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``logprobs(...)[0]`` alone: TRL's ``logprobs_from_logits`` (log_softmax + gather), without the
+    entropy's extra [B, T, V] passes; what the eager trainer runs when it needs no entropy."""
+    z = _acc(logits) / temperature
+    V = logits.shape[-1]
+    inside = (labels >= 0) & (labels < V)
+    logp = torch.log_softmax(z, dim=-1)
+    logprob = torch.gather(logp, 2, labels.long().clamp(0, V - 1).unsqueeze(2)).squeeze(2)
+    return torch.where(inside, logprob, float("nan"))
+
+
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token KL(policy || reference) over the whole vocabulary (TRL's ``kl_penalty="full"``:
     ``F.kl_div(ref_logprob, logprob, log_target=True, reduction="none").sum(-1)``), [B, T] fp32."""

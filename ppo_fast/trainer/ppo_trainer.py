@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import json
 import os
 import time
 import warnings
@@ -188,10 +189,16 @@ class PPOTrainer:
         if self._pad_id is None:
             self._pad_id = 0
         if config.log_with is not None:
+            run_config = config.to_dict()
+            if config.log_with == "tensorboard":  # hparams take scalars and strings only, flat
+                run_config = {
+                    k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
+                    for k, v in run_config.items()
+                }
+            else:
+                run_config = {"ppo_fast_config": run_config}
             self.accelerator.init_trackers(
-                config.tracker_project_name,
-                config={"ppo_fast_config": config.to_dict()},
-                init_kwargs=dict(config.tracker_kwargs),
+                config.tracker_project_name, config=run_config, init_kwargs=dict(config.tracker_kwargs)
             )
 
     # ------------------------------------------------------------------------------------ setup
@@ -382,15 +389,14 @@ class PPOTrainer:
         with unwrapped.disable_adapter():
             yield self.model
 
-    def _logprobs(
-        self, logits: torch.Tensor, labels: torch.Tensor, *, train: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs(self, logits: torch.Tensor, labels: torch.Tensor, *, train: bool) -> Any:
+        """Training: ``(logprob, entropy)``; rollout: ``logprob`` only (TRL computes the entropy only in the loss)."""
         # In training the logits come straight from the LM head and nothing else reads them, so the
         # fused backward writes d loss / d logits into their storage (no second [B, T, V] buffer).
         return F.logprobs_from_logits(
             logits,
             labels,
-            return_entropy=True,
+            return_entropy=train,
             validate=False,
             inplace_backward=train and self.use_fused and logits.requires_grad,
             use_fused=self.use_fused,
@@ -411,14 +417,14 @@ class PPOTrainer:
             labels = ids[:, 1:]
             logits, _, v = self.model(input_ids=ids, attention_mask=am)
             logits = logits[:, :-1]
-            logprobs.append(self._logprobs(logits, labels, train=False)[0])
+            logprobs.append(self._logprobs(logits, labels, train=False))
             values.append(v[:, :-1].float())
             if not full:
                 del logits
             with self._reference() as ref:
                 ref_logits, _, _ = ref(input_ids=ids, attention_mask=am)
             ref_logits = ref_logits[:, :-1]
-            ref_logprobs.append(self._logprobs(ref_logits, labels, train=False)[0])
+            ref_logprobs.append(self._logprobs(ref_logits, labels, train=False))
             if full:
                 kls.append(F.full_kl(logits, ref_logits, use_fused=self.use_fused))
                 del logits
@@ -549,7 +555,7 @@ class PPOTrainer:
         rollout: F.RolloutAdvantages,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """PPO epochs over shuffled minibatches. Returns the per-minibatch stat rows
-        [n_minibatches, _N_TRAIN_STATS] and the masked policy ratios [n_minibatches x mb, T]."""
+        [n_minibatches, _N_TRAIN_STATS] and the policy ratios [n_minibatches x mb, T], -1 where masked."""
         cfg = self.config
         bs, mbs = cfg.batch_size, cfg.mini_batch_size
         device = self.current_device
@@ -596,7 +602,8 @@ class PPOTrainer:
                     mbm = mb_mask.to(entropy.dtype)
                     ent = (entropy.detach() * mbm).sum() / mbm.sum().clamp(min=1)
                     rows.append(torch.cat([st["_vector"].float(), ent.float()[None]]))
-                    ratios.append(torch.exp(logprob.detach() - old_logprobs[idx]) * mbm)
+                    # -1 marks padding (a ratio is never negative; exp can underflow to a real 0).
+                    ratios.append(torch.where(mbm != 0, torch.exp(logprob.detach() - old_logprobs[idx]), -1.0))
                 last_policykl = st["_vector"][_POLICYKL]
             if cfg.early_stopping and self._early_stop(last_policykl):
                 break
@@ -685,7 +692,7 @@ class PPOTrainer:
         stats["ppo/policy/entropy"] = train[-1]
         keep = arrays["mask"] != 0
         stats["ppo/policy/advantages"] = arrays["advantages"][keep].astype(np.float32)
-        stats["ppo/policy/ratio"] = ratios[ratios != 0].astype(np.float32)
+        stats["ppo/policy/ratio"] = ratios[ratios >= 0].astype(np.float32)
         returns_var = stats["ppo/returns/var"]
         stats["ppo/val/var_explained"] = 1.0 - stats["ppo/val/error"] / returns_var if returns_var > 0 else float("nan")
         if stats["ppo/policy/skipped"] > 0:
@@ -878,10 +885,23 @@ class PPOTrainer:
         self.accelerator.save_state(os.fspath(checkpoint_dir), safe_serialization=False)
 
     def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
-        """Restore what ``save_checkpoint`` wrote; the next ``step`` continues as the original run would."""
+        """Restore what ``save_checkpoint`` wrote; the next ``step`` continues as the original run would.
+
+        The frozen reference model is not in the checkpoint (it would double its size): build the trainer as the
+        original run did (same base model, same ``num_shared_layers``) and then load. A checksum of the reference's
+        weights is saved, so a different reference is an error here, raised before anything is loaded."""
         checkpoint_dir = os.fspath(checkpoint_dir)
         if not os.path.isdir(checkpoint_dir):
             raise FileNotFoundError(f"PPOTrainer.load_checkpoint: no checkpoint directory at {checkpoint_dir}")
+        index = next(i for i, o in enumerate(self.accelerator._custom_objects) if o is self._checkpoint_state)
+        path = os.path.join(checkpoint_dir, f"custom_checkpoint_{index}.pkl")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"PPOTrainer.load_checkpoint: {checkpoint_dir} is not a checkpoint of this trainer (no {path}); "
+                "write one with save_checkpoint"
+            )
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        self._checkpoint_state.check_compatible(saved)
         self.accelerator.load_state(checkpoint_dir)
 
 
@@ -892,8 +912,43 @@ class _TrainerState:
         self.trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        return {"current_step": self.trainer.current_step, "kl_ctl": self.trainer.kl_ctl.state_dict()}
+        return {
+            "current_step": self.trainer.current_step,
+            "kl_ctl": self.trainer.kl_ctl.state_dict(),
+            "kl_ctl_type": type(self.trainer.kl_ctl).__name__,
+            "reference_checksum": self.reference_checksum(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_compatible(state)
         self.trainer.current_step = int(state["current_step"])
         self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+
+    def reference_checksum(self) -> list[float] | None:
+        """Sum and absolute sum (fp64) of the reference's local weights; None for a PEFT policy (its reference is
+        the base model, saved with the policy). Under ZeRO-3 each rank sums its own shard."""
+        ref = self.trainer.ref_model
+        if ref is None:
+            return None
+        total = torch.zeros(2, dtype=torch.float64)
+        for p in ref.parameters():
+            data = getattr(p, "ds_tensor", p).detach()
+            total += torch.stack([data.double().sum(), data.double().abs().sum()]).cpu()
+        return total.tolist()
+
+    def check_compatible(self, state: dict[str, Any]) -> None:
+        kind = state.get("kl_ctl_type")
+        if kind is not None and kind != type(self.trainer.kl_ctl).__name__:
+            raise ValueError(
+                f"PPOTrainer.load_checkpoint: the checkpoint was written with a {kind} but this trainer has a "
+                f"{type(self.trainer.kl_ctl).__name__} (config.adap_kl_ctrl differs)"
+            )
+        saved, now = state.get("reference_checksum"), self.reference_checksum()
+        if (saved is None) != (now is None) or (
+            saved is not None and not all(abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1.0) for a, b in zip(saved, now))
+        ):
+            raise ValueError(
+                "PPOTrainer.load_checkpoint: this trainer's reference model differs from the one the checkpoint was "
+                f"trained against (weight checksums {now} vs {saved}); build the trainer from the same base model "
+                "(and num_shared_layers) as the original run, then load the checkpoint"
+            )
