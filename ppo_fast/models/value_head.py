@@ -252,6 +252,11 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         """
         save_directory = os.fspath(save_directory)
         state_dict = kwargs.pop("state_dict", None)
+        if state_dict is not None:
+            # Module-path keys (``pretrained_model.model.layers.0...``, as DeepSpeed's consolidated ZeRO-3 state
+            # dict names them) become TRL's layout, which from_pretrained reads.
+            inner = "pretrained_model."
+            state_dict = {k[len(inner) :] if k.startswith(inner) else k: v for k, v in state_dict.items()}
         if self.is_peft_model:
             v_head_state = self.v_head.state_dict()
             if state_dict is not None:

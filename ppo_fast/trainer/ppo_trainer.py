@@ -44,6 +44,9 @@ from ppo_fast.trainer.running_moments import RunningMoments
 
 __all__ = ["PPOTrainer"]
 
+_PRETRAINED_DIR = "pretrained"  # the consolidated policy inside a checkpoint
+_CHECKPOINT_META = "ppo_fast_checkpoint.json"
+
 # Train statistics reported per step (TRL's names under ``ppo/``): the loss op's, in its order, then ours.
 _LOSS_STAT_KEYS = tuple(k for k in PPO_LOSS_STATS if not k.startswith("ppo/"))
 _SKIPPED = PPO_LOSS_STATS.index("ppo/skipped")
@@ -156,9 +159,7 @@ class PPOTrainer:
 
         self.dataloader = self.prepare_dataloader(dataset, data_collator) if dataset is not None else None
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
-                ds_config["train_micro_batch_size_per_gpu"] = config.mini_batch_size
+            self._fill_deepspeed_config(config)
         # The scheduler is not prepared: Accelerate would step it once per process (and DeepSpeed once
         # per optimizer step); PPO steps it once per `step()`, as the user expects.
         self.model, self.optimizer, self.dataloader = self.accelerator.prepare(
@@ -230,6 +231,35 @@ class PPOTrainer:
             raise TypeError(f"PPOTrainer: num_shared_layers must be an int or None, got {num_shared_layers!r}")
         if optimizer is None and not any(p.requires_grad for p in model.parameters()):
             raise ValueError("PPOTrainer: model has no trainable parameters")
+
+    def _fill_deepspeed_config(self, config: PPOConfig) -> None:
+        """Fill the DeepSpeed config's "auto" values from PPOConfig, as the user meant them: the micro batch is
+        ``mini_batch_size`` and ``gradient_clipping`` is ``max_grad_norm`` (0: none). Left "auto", accelerate
+        would clip at 1.0 whatever max_grad_norm says (DeepSpeed clips inside its step; ``clip_grad_norm_`` does
+        nothing there). The config is process-wide, so the keys that were "auto" are remembered and refilled for
+        each trainer."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        ds_config = plugin.deepspeed_config
+        if not hasattr(plugin, "_ppo_fast_auto_keys"):
+            keys = ("train_micro_batch_size_per_gpu", "gradient_clipping", "train_batch_size")
+            plugin._ppo_fast_auto_keys = {k for k in keys if ds_config.get(k, "auto") == "auto"}
+        auto = plugin._ppo_fast_auto_keys
+        if "train_micro_batch_size_per_gpu" in auto:
+            ds_config["train_micro_batch_size_per_gpu"] = config.mini_batch_size
+        if "train_batch_size" in auto:
+            ds_config["train_batch_size"] = (
+                config.mini_batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes
+            )
+        if "gradient_clipping" in auto:
+            ds_config["gradient_clipping"] = float(config.max_grad_norm or 0.0)
+        elif config.max_grad_norm is not None and float(ds_config["gradient_clipping"]) != config.max_grad_norm:
+            warnings.warn(
+                f"PPOTrainer: the DeepSpeed config sets gradient_clipping={ds_config['gradient_clipping']}, which "
+                f'DeepSpeed applies instead of max_grad_norm={config.max_grad_norm}; set it to "auto" to use '
+                "max_grad_norm",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _prepare_reference(self, ref: AutoModelForCausalLMWithValueHead | None) -> Any:
         """ZeRO-3: the reference is sharded as its own DeepSpeed engine (no optimizer), so it is not
@@ -879,13 +909,39 @@ class PPOTrainer:
         self.save_pretrained(save_directory)
 
     def save_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
-        """Everything a resumed run needs: model and value head, optimizer (8-bit state included),
-        scheduler, running score moments, KL controller, step count and every process's RNG states
-        (through ``accelerator.save_state``)."""
-        self.accelerator.save_state(os.fspath(checkpoint_dir), safe_serialization=False)
+        """Everything a resumed run needs: model and value head, optimizer (8-bit state included), scheduler,
+        running score moments, KL controller, step count and every process's RNG states (``accelerator.save_state``;
+        under DeepSpeed its partitioned format), plus the consolidated policy in ``pretrained/`` (loadable with
+        ``AutoModelForCausalLMWithValueHead.from_pretrained`` without DeepSpeed) and ``ppo_fast_checkpoint.json``
+        saying how it was written. Call it on every process."""
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        self._checkpoint_state.checksum = self._checkpoint_state.reference_checksum()  # collective under ZeRO-3
+        self.accelerator.save_state(checkpoint_dir, safe_serialization=False)
+        self.save_pretrained(os.path.join(checkpoint_dir, _PRETRAINED_DIR))
+        if self.accelerator.is_main_process:
+            with open(os.path.join(checkpoint_dir, _CHECKPOINT_META), "w") as f:
+                json.dump(self._checkpoint_layout(), f, indent=1)
+        self.accelerator.wait_for_everyone()
+
+    def _checkpoint_layout(self) -> dict[str, Any]:
+        custom = self.accelerator._custom_objects
+        return {
+            "format": "deepspeed" if self.accelerator.distributed_type == DistributedType.DEEPSPEED else "accelerate",
+            "num_processes": self.accelerator.num_processes,
+            "zero_stage": getattr(self.model, "zero_optimization_stage", lambda: 0)(),
+            "current_step": self.current_step,
+            "running_moments": custom.index(self.running),
+            "trainer_state": custom.index(self._checkpoint_state),
+            "lr_scheduler": custom.index(self.lr_scheduler) if self.lr_scheduler is not None else None,
+        }
 
     def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
         """Restore what ``save_checkpoint`` wrote; the next ``step`` continues as the original run would.
+
+        Resumed with the same launch (processes, DeepSpeed stage), everything comes back exactly. A DeepSpeed
+        checkpoint loaded without DeepSpeed (e.g. one process) restores the consolidated policy, scheduler, running
+        moments, KL controller and step count, and warns that the optimizer state (partitioned by DeepSpeed) and the
+        RNG states start afresh.
 
         The frozen reference model is not in the checkpoint (it would double its size): build the trainer as the
         original run did (same base model, same ``num_shared_layers``) and then load. A checksum of the reference's
@@ -893,16 +949,61 @@ class PPOTrainer:
         checkpoint_dir = os.fspath(checkpoint_dir)
         if not os.path.isdir(checkpoint_dir):
             raise FileNotFoundError(f"PPOTrainer.load_checkpoint: no checkpoint directory at {checkpoint_dir}")
-        index = next(i for i, o in enumerate(self.accelerator._custom_objects) if o is self._checkpoint_state)
-        path = os.path.join(checkpoint_dir, f"custom_checkpoint_{index}.pkl")
-        if not os.path.isfile(path):
+        meta_path = os.path.join(checkpoint_dir, _CHECKPOINT_META)
+        if not os.path.isfile(meta_path):
             raise FileNotFoundError(
-                f"PPOTrainer.load_checkpoint: {checkpoint_dir} is not a checkpoint of this trainer (no {path}); "
-                "write one with save_checkpoint"
+                f"PPOTrainer.load_checkpoint: {checkpoint_dir} is not a checkpoint of this trainer (no "
+                f"{_CHECKPOINT_META}); write one with save_checkpoint"
             )
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        self._checkpoint_state.check_compatible(saved)
-        self.accelerator.load_state(checkpoint_dir)
+        with open(meta_path) as f:
+            saved_layout = json.load(f)
+        here = self._checkpoint_layout()
+        if (saved_layout["lr_scheduler"] is None) != (here["lr_scheduler"] is None):
+            raise ValueError(
+                "PPOTrainer.load_checkpoint: the checkpoint was written "
+                f"{'without' if saved_layout['lr_scheduler'] is None else 'with'} an lr_scheduler and this trainer "
+                f"has {'one' if here['lr_scheduler'] is not None else 'none'}"
+            )
+
+        def custom(key: str) -> Any:
+            path = os.path.join(checkpoint_dir, f"custom_checkpoint_{saved_layout[key]}.pkl")
+            return torch.load(path, map_location="cpu", weights_only=False)
+
+        trainer_state = custom("trainer_state")
+        self._checkpoint_state.check_compatible(trainer_state, check_reference=True)
+        native = saved_layout["format"] == here["format"] and (
+            here["format"] == "accelerate"
+            or (saved_layout["num_processes"], saved_layout["zero_stage"])
+            == (here["num_processes"], here["zero_stage"])
+        )
+        if native:
+            self.accelerator.load_state(checkpoint_dir)
+            return
+        if here["format"] == "deepspeed":
+            raise ValueError(
+                f"PPOTrainer.load_checkpoint: the checkpoint was written by {saved_layout['num_processes']} "
+                f"process(es) ({saved_layout['format']}, ZeRO stage {saved_layout['zero_stage']}) and this trainer "
+                f"runs DeepSpeed ZeRO-{here['zero_stage']} on {here['num_processes']}; resume with the original "
+                f"launch, or start from the consolidated policy in {os.path.join(checkpoint_dir, _PRETRAINED_DIR)}"
+            )
+        # DeepSpeed's partitioned checkpoint in a run without DeepSpeed: the consolidated policy and our own state.
+        pretrained = AutoModelForCausalLMWithValueHead.from_pretrained(os.path.join(checkpoint_dir, _PRETRAINED_DIR))
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            model.load_state_dict(pretrained.state_dict())
+        del pretrained
+        self.running.load_state_dict(custom("running_moments"))
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(custom("lr_scheduler"))
+        self._checkpoint_state.load_state_dict(trainer_state)
+        warnings.warn(
+            f"PPOTrainer.load_checkpoint: {checkpoint_dir} was written under DeepSpeed ZeRO-"
+            f"{saved_layout['zero_stage']} by {saved_layout['num_processes']} processes; restored the policy, "
+            "scheduler, running moments, KL controller and step count; the optimizer state (partitioned by "
+            "DeepSpeed) and the RNG states start afresh",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 class _TrainerState:
@@ -910,41 +1011,50 @@ class _TrainerState:
 
     def __init__(self, trainer: PPOTrainer):
         self.trainer = trainer
+        self.checksum: list[float] | None = None  # of the reference, taken by save_checkpoint on every process
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "current_step": self.trainer.current_step,
             "kl_ctl": self.trainer.kl_ctl.state_dict(),
             "kl_ctl_type": type(self.trainer.kl_ctl).__name__,
-            "reference_checksum": self.reference_checksum(),
+            "reference_checksum": self.checksum,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_compatible(state)
+        self.check_compatible(state, check_reference=False)  # load_checkpoint checked it, on every process
         self.trainer.current_step = int(state["current_step"])
         self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
 
     def reference_checksum(self) -> list[float] | None:
-        """Sum and absolute sum (fp64) of the reference's local weights; None for a PEFT policy (its reference is
-        the base model, saved with the policy). Under ZeRO-3 each rank sums its own shard."""
+        """Sum and absolute sum (fp64) of the reference's weights; None for a PEFT policy (its reference is the base
+        model, saved with the policy). Under ZeRO-3 each rank sums its own shard and the sums are all-reduced (a
+        collective: every process calls this)."""
         ref = self.trainer.ref_model
         if ref is None:
             return None
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.trainer.current_device)
+        sharded = False
         for p in ref.parameters():
-            data = getattr(p, "ds_tensor", p).detach()
-            total += torch.stack([data.double().sum(), data.double().abs().sum()]).cpu()
-        return total.tolist()
+            sharded = sharded or hasattr(p, "ds_tensor")
+            data = getattr(p, "ds_tensor", p).detach().to(total.device, torch.float64)
+            total += torch.stack([data.sum(), data.abs().sum()])
+        if sharded:  # shards are disjoint (padding is zero), so their sums add up to the whole's
+            total = self.trainer.accelerator.reduce(total, reduction="sum")
+        return total.cpu().tolist()
 
-    def check_compatible(self, state: dict[str, Any]) -> None:
+    def check_compatible(self, state: dict[str, Any], *, check_reference: bool) -> None:
         kind = state.get("kl_ctl_type")
         if kind is not None and kind != type(self.trainer.kl_ctl).__name__:
             raise ValueError(
                 f"PPOTrainer.load_checkpoint: the checkpoint was written with a {kind} but this trainer has a "
                 f"{type(self.trainer.kl_ctl).__name__} (config.adap_kl_ctrl differs)"
             )
-        saved, now = state.get("reference_checksum"), self.reference_checksum()
-        if (saved is None) != (now is None) or (
+        saved = state.get("reference_checksum")
+        if not check_reference or saved is None:  # None: a PEFT policy's reference, or written by save_state alone
+            return
+        now = self.reference_checksum()
+        if now is None or (
             saved is not None and not all(abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1.0) for a, b in zip(saved, now))
         ):
             raise ValueError(

@@ -97,6 +97,20 @@ def test_save_load_round_trip_is_bit_exact(arch, make_lm, tokens, tmp_path, capl
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_save_pretrained_takes_module_path_state_dicts(make_lm, tmp_path):
+    """DeepSpeed's consolidated ZeRO-3 state dict names parameters by module path (``pretrained_model.*``)."""
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(make_lm("llama"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # not what a fresh model or the base checkpoint holds
+    module_paths = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert all(k.startswith(("pretrained_model.", "v_head.")) for k in module_paths)
+    model.save_pretrained(tmp_path, state_dict=module_paths)
+    loaded = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_loads_bin_sharded_and_plain_checkpoints(make_lm, tmp_path):
     model = AutoModelForCausalLMWithValueHead.from_pretrained(make_lm("llama"))
     model.save_pretrained(tmp_path / "bin", safe_serialization=False)  # TRL 0.11's pytorch_model.bin
