@@ -94,6 +94,8 @@ def test_8bit_client_optimizers(launched):
     for name in ("adam8bit", "lion8bit"):
         r0, r1 = ranks[0]["optimizers"][name], ranks[1]["optimizers"][name]
         assert r0["after"] == r1["after"], name  # identical parameters on both ranks
+        assert r0["loss"] == r1["loss"] and r0["responses_len_mean"] == r1["responses_len_mean"], name
+        assert r0["responses_len_mean"] == 63 / 8  # the lengths of both ranks' ragged rows, gathered
         assert r0["after"] != r0["before"], name  # and they trained
         assert "torch.uint8" in r0["state_dtypes"] and "torch.uint8" in r1["state_dtypes"], name
 

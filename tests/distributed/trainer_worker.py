@@ -7,7 +7,8 @@ with N processes rank r trains rows [r * 8 / N, (r + 1) * 8 / N). With SGD, glob
 minibatch per epoch, N processes and one process compute the same losses and parameters.
 
 Recorded per rank: the stats of each step (parity run), a checksum of the full parameters after it, and:
-* ``optimizers``: Adam8bit and Lion8bit trainers run two steps each (parameters must agree across ranks);
+* ``optimizers``: Adam8bit and Lion8bit trainers run two steps each on ragged responses, longer on rank 1
+  (parameters and statistics must agree across ranks);
 * ``early_stop``: the all-reduced early-stopping rule fed a different policy KL on each rank, and a real step
   with early_stopping=True (epochs run);
 * ZeRO-3: the reference's local parameter count (sharded, not replicated), generation with gathered
@@ -50,10 +51,15 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _global_batch(step: int):
+def _global_batch(step: int, ragged: bool = False):
+    """Equal lengths (parity runs), or ragged ones that differ between the ranks' halves (padded across ranks)."""
     g = torch.Generator().manual_seed(1000 + step)
-    queries = [torch.randint(3, 96, (4,), generator=g) for _ in range(GLOBAL_BATCH)]
-    responses = [torch.randint(3, 96, (5,), generator=g) for _ in range(GLOBAL_BATCH)]
+
+    def length(base: int, i: int) -> int:
+        return base + (i % 3 + 4 * (i >= GLOBAL_BATCH // 2) if ragged else 0)
+
+    queries = [torch.randint(3, 96, (length(4, i),), generator=g) for i in range(GLOBAL_BATCH)]
+    responses = [torch.randint(3, 96, (length(5, i),), generator=g) for i in range(GLOBAL_BATCH)]
     scores = [torch.randn((), generator=g) for _ in range(GLOBAL_BATCH)]
     return queries, responses, scores
 
@@ -125,7 +131,7 @@ def optimizers(tokenizer, rank: int, world: int) -> dict:
         trainer = PPOTrainer(config, policy, None, tokenizer, optimizer=optimizer)
         before = _full_params(trainer)
         for s in range(2):
-            stats = trainer.step(*_local(_global_batch(10 + s), rank, world))
+            stats = trainer.step(*_local(_global_batch(10 + s, ragged=True), rank, world))
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         while hasattr(inner, "optimizer") and not isinstance(inner, (bnb.optim.Adam8bit, ppo_fast.optim.Lion8bit)):
             inner = inner.optimizer  # DeepSpeed's ZeRO wrappers hold the client optimizer inside
@@ -134,6 +140,7 @@ def optimizers(tokenizer, rank: int, world: int) -> dict:
             "before": before,
             "after": _full_params(trainer),
             "loss": float(stats["ppo/loss/total"]),
+            "responses_len_mean": float(stats["tokens/responses_len_mean"]),
             "state_dtypes": dtypes,
         }
     return out
