@@ -136,8 +136,17 @@ class PPOTrainer:
         self.dataset = dataset
         self._signature_columns: list[str] | None = None
         self.training_data_collator = training_data_collator
+        self._checkpointed_blocks: list[torch.nn.Module] = []
         if config.gradient_checkpointing:
+            if not model.supports_gradient_checkpointing:
+                raise ValueError(
+                    f"PPOTrainer: config.gradient_checkpointing=True but {type(model.pretrained_model).__name__} "
+                    "does not support gradient checkpointing"
+                )
             model.gradient_checkpointing_enable()
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            self._checkpointed_blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
         if ref_model is not None:
             if num_shared_layers is not None:
@@ -445,14 +454,15 @@ class PPOTrainer:
         for i in range(0, input_ids.shape[0], fbs):
             ids, am = input_ids[i : i + fbs], attention_mask[i : i + fbs]
             labels = ids[:, 1:]
-            logits, _, v = self.model(input_ids=ids, attention_mask=am)
+            # No KV cache: one full pass, nothing to continue (it would only hold memory).
+            logits, _, v = self.model(input_ids=ids, attention_mask=am, use_cache=False)
             logits = logits[:, :-1]
             logprobs.append(self._logprobs(logits, labels, train=False))
             values.append(v[:, :-1].float())
             if not full:
                 del logits
             with self._reference() as ref:
-                ref_logits, _, _ = ref(input_ids=ids, attention_mask=am)
+                ref_logits, _, _ = ref(input_ids=ids, attention_mask=am, use_cache=False)
             ref_logits = ref_logits[:, :-1]
             ref_logprobs.append(self._logprobs(ref_logits, labels, train=False))
             if full:
@@ -598,9 +608,9 @@ class PPOTrainer:
                 idx = perm[start : start + mbs]
                 mb_mask = mask[idx]
                 with self.accelerator.accumulate(self.model):
-                    self.model.eval()  # as TRL: no dropout, so the first epoch's ratio is exactly 1
+                    self._train_mode_without_dropout()
                     ids = input_ids[idx]
-                    logits, _, vpreds = self.model(input_ids=ids, attention_mask=attention_mask[idx])
+                    logits, _, vpreds = self.model(input_ids=ids, attention_mask=attention_mask[idx], use_cache=False)
                     logprob, entropy = self._logprobs(logits[:, :-1], ids[:, 1:], train=True)
                     del logits
                     loss, st = F.ppo_loss(
@@ -638,6 +648,16 @@ class PPOTrainer:
             if cfg.early_stopping and self._early_stop(last_policykl):
                 break
         return torch.stack(rows), torch.cat(ratios)
+
+    def _train_mode_without_dropout(self) -> None:
+        """Eval mode, as TRL trains (no dropout, so the first epoch's ratio is exactly 1). With
+        ``gradient_checkpointing`` the checkpointed blocks alone are flagged as training, because transformers
+        checkpoints a block only when ``block.training`` is set: TRL's eval mode silently turned checkpointing off.
+        Their submodules (attention, MLP, dropout) stay in eval mode, so no dropout applies."""
+        self.model.eval()
+        if self.config.gradient_checkpointing:
+            for module in self._checkpointed_blocks:
+                module.training = True
 
     def _early_stop(self, policykl: torch.Tensor) -> bool:
         """TRL's rule (stop when the last minibatch's policy KL > 1.5 target_kl), decided on the KL

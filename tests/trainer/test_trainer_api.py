@@ -129,3 +129,26 @@ def test_save_pretrained_round_trip(tokenizer, tmp_path):
     for (name, a), (_, b) in zip(trained.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_gradient_checkpointing_runs_and_changes_nothing(arch, tokenizer, monkeypatch):
+    """TRL trained in eval mode, which turns transformers' checkpointing off; here the blocks really are
+    checkpointed in the training forward (and still without dropout: the step equals the plain one)."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls = []
+    real = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    results = []
+    for checkpointing in (False, True):
+        policy = make_policy(arch, seed=6)
+        config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, gradient_checkpointing=checkpointing)
+        trainer = PPOTrainer(config, policy, None, tokenizer, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1))
+        stats = trainer.step(*make_batch(4, seed=8))
+        results.append(({k: v for k, v in stats.items() if isinstance(v, float) and "time" not in k}, policy))
+    assert len(calls) == 2 * 2 * 2  # 2 blocks x 2 minibatches x 2 epochs, none in the rollout
+    (plain, p0), (ckpt, p1) = results
+    assert plain == pytest.approx(ckpt, rel=1e-6, abs=1e-7)
+    for a, b in zip(p0.parameters(), p1.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
