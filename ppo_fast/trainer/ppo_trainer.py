@@ -1047,17 +1047,26 @@ class _TrainerState:
         self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
 
     def reference_checksum(self) -> list[float] | None:
-        """Sum and absolute sum (fp64) of the reference's weights; None for a PEFT policy (its reference is the base
-        model, saved with the policy). Under ZeRO-3 each rank sums its own shard and the sums are all-reduced (a
-        collective: every process calls this)."""
+        """Sum and absolute sum (fp64) of the reference's weights but its (unused) value head; None for a PEFT
+        policy (its reference is the base model, saved with the policy). Under ZeRO-3 each rank sums the valid part
+        of its own shard and the sums are all-reduced (a collective: every process calls this)."""
         ref = self.trainer.ref_model
         if ref is None:
             return None
         total = torch.zeros(2, dtype=torch.float64, device=self.trainer.current_device)
         sharded = False
-        for p in ref.parameters():
-            sharded = sharded or hasattr(p, "ds_tensor")
-            data = getattr(p, "ds_tensor", p).detach().to(total.device, torch.float64)
+        rank = self.trainer.accelerator.process_index
+        for name, p in ref.named_parameters():
+            if "v_head" in name.split("."):  # unused by the reference, and initialised from the global RNG
+                continue
+            if hasattr(p, "ds_tensor"):  # this rank's flat shard; its tail past the parameter is padding
+                sharded = True
+                part = p.ds_tensor.numel()
+                valid = max(0, min(part, p.ds_numel - rank * part))
+                data = p.ds_tensor.detach().reshape(-1)[:valid]
+            else:
+                data = p.detach()
+            data = data.to(total.device, torch.float64)
             total += torch.stack([data.sum(), data.abs().sum()])
         if sharded:  # shards are disjoint (padding is zero), so their sums add up to the whole's
             total = self.trainer.accelerator.reduce(total, reduction="sum")

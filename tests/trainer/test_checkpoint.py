@@ -24,8 +24,13 @@ def _optimizer(name, params):
     return bnb.optim.Adam8bit(params, lr=1e-3, min_8bit_size=0)
 
 
-def _build(tokenizer, optimizer_name, policy_seed=1):
+def _build(tokenizer, optimizer_name, policy_seed=1, v_head_seed=None):
     policy = make_policy("llama", seed=policy_seed)
+    if v_head_seed is not None:  # a value head initialised from another RNG state (an unseeded from_pretrained)
+        g = torch.Generator().manual_seed(v_head_seed)
+        with torch.no_grad():
+            for p in policy.v_head.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
     config = PPOConfig(
         batch_size=4,
         mini_batch_size=2,
@@ -91,6 +96,18 @@ def test_load_refuses_a_different_reference_and_changes_nothing(tokenizer, tmp_p
         other.load_checkpoint(tmp_path / "ckpt")
     assert other.current_step == 0
     assert all(torch.equal(a, b) for a, b in zip(before, other.model.parameters()))
+
+
+def test_resume_with_another_initial_value_head(tokenizer, tmp_path):
+    """The reference's value head is never used, so it is not part of the reference's checksum; the policy's own
+    value head comes back from the checkpoint."""
+    first = _build(tokenizer, "lion8bit")
+    _run(first, range(1))
+    first.save_checkpoint(tmp_path / "ckpt")
+    resumed = _build(tokenizer, "lion8bit", v_head_seed=5)
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    for a, b in zip(first.model.v_head.parameters(), resumed.model.v_head.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_load_checkpoint_bad_paths(tokenizer, tmp_path):
