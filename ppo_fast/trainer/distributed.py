@@ -22,6 +22,7 @@ accelerate 1.15, deepspeed 0.19.8, torch 2.13 CPU):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -104,9 +105,11 @@ def build_accelerator(**accelerator_kwargs: Any) -> Accelerator:
     (launcher world > 1, or DeepSpeed asked for under a launcher) it adds what accelerate needs to join the
     processes, because accelerate only picks a CPU backend by itself for ``cpu=True``:
 
-    * DeepSpeed: ``InitProcessGroupKwargs(backend="gloo")`` in ``kwargs_handlers``, unless one is already there
-      (yours wins: set its backend yourself). Without it each process sees a world of one. ``cpu=True`` is never
-      added here: accelerate drops DeepSpeed for it.
+    * DeepSpeed: ``InitProcessGroupKwargs(backend="gloo")`` in ``kwargs_handlers``. Without it each process sees a
+      world of one. An ``InitProcessGroupKwargs`` of yours is kept (its timeout, init_method) with its backend set
+      to gloo when it is ``"nccl"`` (the dataclass default, e.g. ``InitProcessGroupKwargs(timeout=...)``: nccl needs
+      a GPU) or None; any other backend you set is yours. ``cpu=True`` is never added here: accelerate drops
+      DeepSpeed for it.
     * DDP: ``cpu=True``, unless you passed ``cpu``. accelerate then uses gloo (or MPI under mpirun); gloo alone
       would join the world but leave ``distributed_type`` NO, so gradients would never be averaged.
 
@@ -129,6 +132,14 @@ def build_accelerator(**accelerator_kwargs: Any) -> Accelerator:
                 handlers = list(kwargs.get("kwargs_handlers") or [])
                 if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
                     handlers.append(InitProcessGroupKwargs(backend="gloo"))
+                # accelerate passes the backend on only when it differs from the default "nccl", so a handler made
+                # for its timeout alone would leave DeepSpeed without a CPU backend: a world of one on every rank.
+                handlers = [
+                    dataclasses.replace(h, backend="gloo")
+                    if isinstance(h, InitProcessGroupKwargs) and h.backend in (None, "nccl")
+                    else h
+                    for h in handlers
+                ]
                 kwargs["kwargs_handlers"] = handlers
         elif (world or 1) > 1 and "cpu" not in kwargs:
             kwargs["cpu"] = True
@@ -179,11 +190,14 @@ def check_launch(accelerator: Accelerator) -> None:
     n = accelerator.num_processes
     dist_type = accelerator.distributed_type
     if _deepspeed_requested() and dist_type != DistributedType.DEEPSPEED:
-        cause = (
-            "ACCELERATE_USE_CPU=true is set in the environment"
-            if _env_flag("ACCELERATE_USE_CPU")
-            else "the Accelerator was created with cpu=True (or --cpu)"
-        )
+        use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "")
+        if _env_flag("ACCELERATE_USE_CPU"):
+            cause = "ACCELERATE_USE_CPU=true is set in the environment"
+        elif use_deepspeed.lower() != "true":
+            # accelerate (state.py, accelerator.py) turns DeepSpeed on for the exact string "true" only.
+            cause = f"accelerate turns DeepSpeed on only for ACCELERATE_USE_DEEPSPEED=true, and it is {use_deepspeed!r}"
+        else:
+            cause = "the Accelerator was created with cpu=True (or --cpu)"
         raise RuntimeError(
             "check_launch: DeepSpeed was asked for (accelerate's environment has ACCELERATE_USE_DEEPSPEED / a "
             f"DeepSpeed config), but the Accelerator runs {dist_type.value} with {n} process(es): {cause}, and "

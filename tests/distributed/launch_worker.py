@@ -1,25 +1,36 @@
 """One rank of tests/distributed/test_launch.py. ``python launch_worker.py MODE OUT [MODEL_DIR]`` writes
 ``OUT.<rank>`` (JSON) for the test to read:
 
-* ``check``: ``build_accelerator()``, then one optimizer step of a small regression with a client optimizer
-  (proves the launch's DeepSpeed JSON "auto" values get filled and the processes average their gradients: each
-  rank's data differ, the parameters after the step must not). Under ZeRO-3 it also builds a tiny GPT-2 by
-  ``from_pretrained`` / ``from_config`` outside any context, inside the DeepSpeed plugin's
-  ``zero3_init_context_manager(enable=False)`` alone and inside ``zero3_init_disabled``, and records which are
-  sharded.
+* ``check``: ``build_accelerator()``, then one SGD step of a small regression with a client optimizer (the launch's
+  DeepSpeed JSON "auto" values get filled). Each rank's data differ; the rank records its parameters after the
+  step and how far they are from the step computed here by hand with the gradient averaged over both ranks' data,
+  and with its own gradient alone (both clipped to the DeepSpeed config's ``gradient_clipping`` as DeepSpeed does).
+  Under ZeRO-3 it also builds a tiny GPT-2 by ``from_pretrained`` / ``from_config`` outside any context, inside the
+  DeepSpeed plugin's ``zero3_init_context_manager(enable=False)`` alone and inside ``zero3_init_disabled``, and
+  records which are sharded.
+* ``check_timeout``: as ``check``, with ``build_accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=...)])``
+  (a handler for its timeout alone, whose backend is the dataclass default "nccl").
 * ``plain_first``: a plain ``Accelerator()`` made before ``build_accelerator`` (accelerate's state is a
-  singleton); records the error ``build_accelerator`` raises.
-* ``build``: ``build_accelerator()`` only; records the world or the error.
+  singleton), then as ``build``.
+* ``build``: ``build_accelerator()`` only; records the world.
+
+When ``build_accelerator`` raises, the rank records the message under ``error`` and exits with the error, as a
+user's script would.
 """
 
+import copy
 import json
 import math
 import os
 import sys
+from datetime import timedelta
 
 import torch
 
 from ppo_fast.trainer.distributed import build_accelerator, zero3_init_disabled
+
+LR = 0.5
+PG_TIMEOUT_S = 321
 
 
 def _rank() -> int:
@@ -62,38 +73,58 @@ def _zero3_models(acc, model_dir: str) -> dict:
     plugin = acc.state.deepspeed_plugin
     auto = transformers.AutoModelForCausalLM
 
-    def build(how: str) -> dict:
-        return _describe(auto.from_pretrained(model_dir) if how == "pretrained" else auto.from_config(cfg))
+    def build(how: str) -> torch.nn.Module:
+        return auto.from_pretrained(model_dir) if how == "pretrained" else auto.from_config(cfg)
 
     r = {"direct": _describe(direct), "full_numel": sum(p.numel() for p in direct.parameters())}
     r["zero3_enabled_before"] = is_deepspeed_zero3_enabled()
     for how in ("pretrained", "config"):
-        r[f"outside_{how}"] = build(how)
+        r[f"outside_{how}"] = _describe(build(how))
         with plugin.zero3_init_context_manager(enable=False):
             r["zero3_enabled_in_plugin_ctx"] = is_deepspeed_zero3_enabled()
-            r[f"plugin_ctx_{how}"] = build(how)
+            r[f"plugin_ctx_{how}"] = _describe(build(how))
         with zero3_init_disabled(acc):
             r["zero3_enabled_in_disabled"] = is_deepspeed_zero3_enabled()
             r["init_flag_in_disabled"] = plugin.zero3_init_flag
-            model = auto.from_pretrained(model_dir) if how == "pretrained" else auto.from_config(cfg)
-            r[f"disabled_{how}"] = _describe(model)
+            model = build(how)
+        r[f"disabled_{how}"] = _describe(model)
         if how == "pretrained":
             r["disabled_matches_saved"] = _matches_saved(model, model_dir)
-            # An unsharded model runs alone on each rank (a reward model's use): no collectives needed.
-            with torch.no_grad():
-                r["disabled_forward_ok"] = bool(torch.isfinite(model(torch.arange(8)[None]).logits).all())
+            # An unsharded model runs alone on each rank (a reward model's use): the ranks run different numbers of
+            # forwards, which a sharded model (a parameter all-gather per forward) could not.
+            # (A sharded one outside the engine fails at once, "'weight' must be 2-D": recorded, for the test.)
+            try:
+                with torch.no_grad():
+                    ok = [
+                        bool(torch.isfinite(model(torch.arange(8)[None]).logits).all())
+                        for _ in range(1 + acc.process_index)
+                    ]
+                r["disabled_forwards"] = len(ok) if all(ok) else "non-finite logits"
+            except RuntimeError as e:
+                r["disabled_forwards"] = f"{type(e).__name__}: {e}"
     r["zero3_enabled_after"] = is_deepspeed_zero3_enabled()
     r["init_flag_after"] = plugin.zero3_init_flag
     # State comes back when the body raises, too.
     try:
         with zero3_init_disabled(acc):
+            r["zero3_enabled_in_raising"] = is_deepspeed_zero3_enabled()
             raise KeyError("boom")
     except KeyError:
-        pass
+        r["raise_propagated"] = True
     r["zero3_enabled_after_raise"] = is_deepspeed_zero3_enabled()
     r["init_flag_after_raise"] = plugin.zero3_init_flag
-    r["sharded_after_raise"] = _describe(auto.from_config(cfg))
+    r["after_raise_config"] = _describe(auto.from_config(cfg))
     return r
+
+
+def _clip(grads: list[torch.Tensor], max_norm: float | None) -> tuple[list[torch.Tensor], float]:
+    """DeepSpeed's clipping (zero/stage_1_and_2.py and stage3.py, ``unscale_and_clip_grads``): divide by
+    ``max(1, (norm + 1e-6) / max_norm)``, norm the global L2 norm."""
+    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    if not max_norm:
+        return grads, norm
+    scale = max(1.0, (norm + 1e-6) / max_norm)
+    return [g / scale for g in grads], norm
 
 
 def _train_step(acc) -> dict:
@@ -101,18 +132,20 @@ def _train_step(acc) -> dict:
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reference = copy.deepcopy(model).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     plugin = acc.state.deepspeed_plugin
     if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
         # No dataloader goes through prepare (as in the trainer): the JSON's "auto" micro batch needs a number.
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 4
     model, optimizer = acc.prepare(model, optimizer)
-    g = torch.Generator().manual_seed(100 + acc.process_index)  # different data on each rank
-    x = torch.randn(4, 16, generator=g)
-    loss = model(x).pow(2).mean()
+    # Different data on each rank.
+    xs = [torch.randn(4, 16, generator=torch.Generator().manual_seed(100 + r)) for r in range(acc.num_processes)]
+    loss = model(xs[acc.process_index]).pow(2).mean()
     acc.backward(loss)
     optimizer.step()
     optimizer.zero_grad()
+
     params = list(acc.unwrap_model(model).parameters())
     if acc.distributed_type == DistributedType.DEEPSPEED and plugin.zero_stage == 3:
         import deepspeed
@@ -121,10 +154,33 @@ def _train_step(acc) -> dict:
             flat = torch.cat([p.detach().flatten().double() for p in params])
     else:
         flat = torch.cat([p.detach().flatten().double() for p in params])
-    record = {"loss": loss.item(), "param_sum": flat.sum().item(), "param_abs": flat.abs().sum().item()}
+
+    # The step by hand, in fp64: each rank's gradient, their mean, clipped as DeepSpeed clips.
+    clipping = plugin.deepspeed_config.get("gradient_clipping") if plugin is not None else None
+    per_rank = []
+    for x in xs:
+        reference.zero_grad()
+        reference(x.double()).pow(2).mean().backward()
+        per_rank.append([p.grad.clone() for p in reference.parameters()])
+    start = torch.cat([p.detach().flatten() for p in reference.parameters()])
+
+    def stepped(grads: list[torch.Tensor]) -> torch.Tensor:
+        return start - LR * torch.cat([g.flatten() for g in grads])
+
+    mean = [torch.stack(gs).mean(0) for gs in zip(*per_rank)]
+    clipped_mean, mean_norm = _clip(mean, clipping)
+    clipped_own, _ = _clip(per_rank[acc.process_index], clipping)
+    record = {
+        "loss": loss.item(),
+        "params": flat.tolist(),
+        "mean_grad_norm": mean_norm,
+        "gradient_clipping": clipping,
+        "diff_averaged": (flat - stepped(clipped_mean)).abs().max().item(),
+        "diff_averaged_unclipped": (flat - stepped(mean)).abs().max().item(),
+        "diff_own": (flat - stepped(clipped_own)).abs().max().item(),
+    }
     if plugin is not None:
         cfg = plugin.deepspeed_config
-        record["gradient_clipping"] = cfg.get("gradient_clipping")
         record["zero_allow_untested_optimizer"] = cfg.get("zero_allow_untested_optimizer")
         record["bf16"] = cfg.get("bf16", {}).get("enabled")
     return record
@@ -135,17 +191,26 @@ def main(mode: str, out: str, model_dir: str | None = None) -> None:
         from accelerate import Accelerator
 
         Accelerator()  # the user's own, before build_accelerator
+    kwargs = {}
+    if mode == "check_timeout":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(seconds=PG_TIMEOUT_S))]
     try:
-        acc = build_accelerator()
+        acc = build_accelerator(**kwargs)
     except RuntimeError as e:
         _write(out, _rank(), {"error": str(e)})
-        return
+        raise
     record = {
         "world": acc.num_processes,
         "rank": acc.process_index,
         "distributed_type": str(acc.distributed_type.value),
+        "torch_world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
     }
-    if mode == "check":
+    if torch.distributed.is_initialized():
+        group = torch.distributed.distributed_c10d._get_default_group()
+        record["pg_timeout_s"] = group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    if mode in ("check", "check_timeout"):
         record.update(_train_step(acc))
         plugin = acc.state.deepspeed_plugin
         record["zero_stage"] = plugin.zero_stage if plugin is not None else 0

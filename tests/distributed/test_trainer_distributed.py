@@ -5,13 +5,8 @@ which records what the assertions below check."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -27,45 +22,21 @@ LAUNCHES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would drop DeepSpeed
-    # DeepSpeed JIT-compiles its CPU all-reduce op once (~2 min on 2 cores); every launch shares the build.
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, "build", "torch_extensions"))
-    return env
-
-
-def _run(cmd: list[str], out: str, ranks: int) -> list[dict]:
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads(open(f"{out}.{r}").read()) for r in range(ranks)]
-
-
-def _launch(config: str, out: str, work_dir: str) -> list[dict]:
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-    cmd = [launcher, "launch", "--config_file", os.path.join(CONFIGS, config)]
-    cmd += ["--main_process_port", str(_free_port()), WORKER, out, work_dir]
-    return _run(cmd, out, 2)
-
-
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(launch, tmp_path_factory):
     """The same global batch in one process, without a launcher."""
-    out = str(tmp_path_factory.mktemp("single") / "r")
-    (record,) = _run([sys.executable, WORKER, out], out, 1)
+    out = tmp_path_factory.mktemp("single") / "r"
+    launch("python", WORKER, out)
+    (record,) = launch.records(out, 1)
     assert record["world"] == 1 and record["distributed_type"] == "NO"
     return record
 
 
 @pytest.fixture(scope="module", params=list(LAUNCHES))
-def launched(request, tmp_path_factory):
+def launched(request, launch, tmp_path_factory):
     work = tmp_path_factory.mktemp(request.param)
-    return request.param, work, _launch(LAUNCHES[request.param], str(work / "r"), str(work))
+    launch("accelerate", "--config_file", os.path.join(CONFIGS, LAUNCHES[request.param]), WORKER, work / "r", work)
+    return request.param, work, launch.records(work / "r", 2)
 
 
 def test_joined_with_the_asked_backend(launched):
@@ -109,7 +80,7 @@ def test_early_stopping_is_one_decision_for_all_ranks(launched):
     assert decisions[0]["epochs_run"] == int(decisions[0]["epochs_run"])
 
 
-def test_zero3_reference_generation_reward_model_and_checkpoint(launched, tmp_path):
+def test_zero3_reference_generation_reward_model_and_checkpoint(launched, launch, tmp_path):
     name, work, ranks = launched
     if name != "zero3":
         assert all("zero3" not in r for r in ranks)
@@ -126,8 +97,9 @@ def test_zero3_reference_generation_reward_model_and_checkpoint(launched, tmp_pa
     assert z0["reward_forward_ok"] and z1["reward_forward_ok"]
 
     # The ZeRO-3 checkpoint and save_pretrained load in one process without DeepSpeed.
-    out = str(tmp_path / "load")
-    (loaded,) = _run([sys.executable, WORKER, out, str(work), "load"], out, 1)
+    out = tmp_path / "load"
+    launch("python", WORKER, out, work, "load")
+    (loaded,) = launch.records(out, 1)
     assert loaded["current_step"] == z0["steps_at_save"] == 3
     assert loaded["params"] == pytest.approx(z0["params_at_save"], rel=1e-12)
     assert loaded["final_params"] == pytest.approx(z0["params_at_save"], rel=1e-12)
