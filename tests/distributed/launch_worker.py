@@ -26,6 +26,7 @@ import sys
 from datetime import timedelta
 
 import torch
+from _workers import shut_down
 
 from ppo_fast.trainer.distributed import build_accelerator, zero3_init_disabled
 
@@ -217,6 +218,7 @@ def main(mode: str, out: str, model_dir: str | None = None) -> None:
         if plugin is not None and plugin.zero_stage == 3:
             record["zero3"] = _zero3_models(acc, model_dir)
     _write(out, acc.process_index, record)
+    shut_down(acc)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import os
 import sys
 
 import torch
+from _workers import shut_down
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trainer"))
 from trainer_utils import build_lm, make_tokenizer  # noqa: E402
@@ -250,6 +251,7 @@ def main(out: str, work_dir: str | None = None, mode: str = "train") -> None:
             record["zero3"] = zero3(tokenizer, trainer, work_dir, rank, world)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(record, f)
+    shut_down(trainer.accelerator)
 
 
 if __name__ == "__main__":

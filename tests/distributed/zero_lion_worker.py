@@ -5,6 +5,7 @@ import json
 import sys
 
 import torch
+from _workers import shut_down
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
@@ -48,6 +49,7 @@ def main(out_path: str) -> None:
         },
         open(f"{out_path}.{acc.process_index}", "w"),
     )
+    shut_down(acc)
 
 
 if __name__ == "__main__":
