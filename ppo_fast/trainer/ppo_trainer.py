@@ -655,9 +655,8 @@ class PPOTrainer:
         checkpoints a block only when ``block.training`` is set: TRL's eval mode silently turned checkpointing off.
         Their submodules (attention, MLP, dropout) stay in eval mode, so no dropout applies."""
         self.model.eval()
-        if self.config.gradient_checkpointing:
-            for module in self._checkpointed_blocks:
-                module.training = True
+        for module in self._checkpointed_blocks:  # empty without gradient_checkpointing
+            module.training = True
 
     def _early_stop(self, policykl: torch.Tensor) -> bool:
         """TRL's rule (stop when the last minibatch's policy KL > 1.5 target_kl), decided on the KL
@@ -1068,7 +1067,7 @@ class _TrainerState:
                 data = p.detach()
             data = data.to(total.device, torch.float64)
             total += torch.stack([data.sum(), data.abs().sum()])
-        if sharded:  # shards are disjoint (padding is zero), so their sums add up to the whole's
+        if sharded:  # the shards' valid parts are disjoint, so their sums add up to the whole's
             total = self.trainer.accelerator.reduce(total, reduction="sum")
         return total.cpu().tolist()
 
@@ -1083,9 +1082,7 @@ class _TrainerState:
         if not check_reference or saved is None:  # None: a PEFT policy's reference, or written by save_state alone
             return
         now = self.reference_checksum()
-        if now is None or (
-            saved is not None and not all(abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1.0) for a, b in zip(saved, now))
-        ):
+        if now is None or not all(abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1.0) for a, b in zip(saved, now)):
             raise ValueError(
                 "PPOTrainer.load_checkpoint: this trainer's reference model differs from the one the checkpoint was "
                 f"trained against (weight checksums {now} vs {saved}); build the trainer from the same base model "
