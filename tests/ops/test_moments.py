@@ -472,6 +472,19 @@ def test_std_at_most_eps_is_1(device, rand, flags):
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_std_exactly_eps_is_1(device, rand):
+    """The rule is ``std <= eps``: a state whose std is exactly eps (two samples, M2 = eps^2, all exact
+    in fp64) divides by 1 + eps; one ulp-scale step above it divides by std + eps, on every route."""
+    x = rand.randn(9, device=device)
+    above = EPS * (1 + 2.0**-20)
+    for std, divisor in ((EPS, 1.0 + EPS), (above, above + EPS)):
+        state = torch.tensor([2.0, 0.0, std * std, 0.0], dtype=torch.float64, device=device)
+        assert math.sqrt(std * std) == std
+        for route in ("ops", "fused", "eager"):
+            out = call("moments_normalize", route, x, None, state, True, False, None, EPS)
+            assert_normalized(out, x.double().cpu() / divisor)
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=_id)
 def test_equal_scores_low_precision(device, dtype):
     """Equal bf16/fp16 scores: std 1, so x / (1 + eps) rounds back to x (x / eps would overflow fp16)."""
