@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check: on a CUDA machine with torch preinstalled and no internet, build the
-# extension for sm_90, run the CUDA tests, run the benchmarks, run compute-sanitizer over a small
+# extension for sm_90, run the self-check (`python -m ppo_fast`: every op, fused against the
+# reference, on CPU and CUDA), the CUDA tests, the benchmarks, compute-sanitizer over a small
 # workload, and print one compact table last. Target: under 8 minutes on one H200.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
@@ -32,6 +33,18 @@ if timeout 400 $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; then
 else
   status+=("build: FAILED (tail of $OUT/build.log below)"); tail -40 "$OUT/build.log"
   printf '%s\n' "${status[@]}"; exit 1
+fi
+
+# First, once built: the self-check (seconds). Its lines go to the log and $OUT/selfcheck.log, its
+# verdict and any MISMATCH/ERROR line to the status table at the end.
+stamp "self-check (python -m ppo_fast)"
+timeout 180 $PY -m ppo_fast 2>&1 | tee "$OUT/selfcheck.log"
+rc=${PIPESTATUS[0]}
+if [ "$rc" -eq 0 ]; then
+  status+=("selfcheck: $(tail -1 "$OUT/selfcheck.log")")
+else
+  status+=("selfcheck: FAILED (rc $rc): $(tail -1 "$OUT/selfcheck.log")")
+  while IFS= read -r line; do status+=("  $line"); done < <(grep -E "^(MISMATCH|ERROR) " "$OUT/selfcheck.log" | head -20)
 fi
 
 stamp "copy bandwidth"

@@ -391,7 +391,7 @@ def ppo_loss(
 
 # ------------------------------------------------------------------------------------------------
 # Running reward moments (TRL's RunningMoments, with fp64 state, Chan merges, std 1 below two
-# samples, and batches holding NaN or inf rejected instead of merged).
+# samples or at most eps, and batches holding NaN or inf rejected instead of merged).
 
 MOMENTS_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -429,9 +429,13 @@ def moments_merge_(state: torch.Tensor, batches: torch.Tensor) -> None:
     state.copy_(torch.where(bad, rejected, new))
 
 
-def running_std(state: torch.Tensor) -> torch.Tensor:
-    """Bessel-corrected std of a state or batch; 1 with fewer than two samples (TRL: inf)."""
-    return torch.where(state[0] > 1, (state[2] / (state[0] - 1).clamp(min=1)).sqrt(), torch.ones_like(state[2]))
+def running_std(state: torch.Tensor, eps: float = MOMENTS_EPS) -> torch.Tensor:
+    """Bessel-corrected std of a state or batch, the one normalisation divides by: 1 with fewer than
+    two samples (TRL: inf), and 1 when ``std <= eps`` (equal scores: ``x / (0 + eps)`` would scale
+    them by 1 / eps; ``<=`` so that eps = 0 never divides by a zero std). NaN stays NaN."""
+    one = torch.ones_like(state[2])
+    std = torch.where(state[0] > 1, (state[2] / (state[0] - 1).clamp(min=1)).sqrt(), one)
+    return torch.where(std <= eps, one, std)
 
 
 def moments_normalize(
@@ -444,12 +448,13 @@ def moments_normalize(
     eps: float = MOMENTS_EPS,
 ) -> torch.Tensor:
     """``x / (std + eps)`` (``scale``), minus the running mean first (``center``), then clipped to
-    ``[-clip, clip]``; entries where ``mask`` is zero pass through unchanged."""
+    ``[-clip, clip]``; entries where ``mask`` is zero pass through unchanged. ``std`` is
+    ``running_std(state, eps)``: 1 below two samples or when at most eps."""
     y = _acc(x)
     if center:
         y = y - state[1].to(y.dtype)
     if scale:
-        y = y * (1.0 / (running_std(state) + eps)).to(y.dtype)
+        y = y * (1.0 / (running_std(state, eps) + eps)).to(y.dtype)
     if clip is not None:
         y = y.clamp(-clip, clip)
     if mask is not None:

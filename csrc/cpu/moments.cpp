@@ -1,5 +1,5 @@
 // CPU kernels for running reward moments: Chan-merged (count, mean, M2) in fp64, then
-// x -> clip((x - mean?) / (std + eps)). Batch moments are taken per fixed chunk (two passes, fp64)
+// x -> clip((x - mean?) / (std + eps)), std taken as 1 below two samples or when std <= eps. Batch moments are taken per fixed chunk (two passes, fp64)
 // and merged in index order, so results do not depend on the thread count.
 #include <ppo_fast/moments.h>
 

@@ -1,5 +1,5 @@
 // CUDA kernels for running reward moments: Chan-merged (count, mean, M2) in fp64, then
-// x -> clip((x - mean?) / (std + eps)).
+// x -> clip((x - mean?) / (std + eps)), std taken as 1 below two samples or when std <= eps.
 //
 // Update + normalise + clip is two launches and no host synchronisation:
 //   1. partials_kernel: per fixed chunk of kChunk elements, fp64 Welford moments of the counted

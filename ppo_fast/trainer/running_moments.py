@@ -5,7 +5,8 @@ State lives on the device as one float64 buffer ``(count, mean, M2, rejected)``,
 ``.to(device)`` and saves and loads with ``state_dict``. Batches merge with Chan's parallel formula
 (no cancellation for scores far from zero). Across processes each update gathers every rank's batch
 moments once and merges them in rank order, so all ranks hold bit-identical state. The running std
-is Bessel-corrected and 1 until two samples were seen (TRL's is infinite then), and a batch holding
+is Bessel-corrected, and 1 until two samples were seen (TRL's is infinite then) or while it is at
+most ``eps`` (equal scores: TRL divides them by eps, 8.4e6 x for float32), and a batch holding
 NaN or inf is either refused with an error naming its positions (``validate=True``, one host
 synchronisation) or, without validation, skipped on the device and counted in ``rejected``.
 """
@@ -31,7 +32,8 @@ class RunningMoments(nn.Module):
             gathered through it. Or pass ``process_group`` (a ``torch.distributed`` group) instead.
         process_group: the group to gather over when no accelerator is given (default: the world,
             when ``torch.distributed`` is initialised).
-        eps: added to the std before dividing (float32 machine epsilon, as TRL for fp32 scores).
+        eps: added to the std before dividing (float32 machine epsilon, as TRL for fp32 scores); a
+            std at most eps is taken as 1.
         device: where the state lives (moved later with ``.to``).
     """
 
@@ -55,12 +57,13 @@ class RunningMoments(nn.Module):
 
     @property
     def var(self) -> torch.Tensor:
-        """Bessel-corrected running variance (1 below two samples)."""
-        return torch.where(self.count > 1, self.state[2] / (self.count - 1).clamp(min=1), torch.ones_like(self.count))
+        """Bessel-corrected running variance; 1 below two samples or when the std is at most eps."""
+        return self._var_std(self.state, self.eps)[0]
 
     @property
     def std(self) -> torch.Tensor:
-        return self.var.sqrt()
+        """The running std that ``normalize`` divides by (plus eps); 1 below two samples or when at most eps."""
+        return self._var_std(self.state, self.eps)[1]
 
     @property
     def rejected(self) -> torch.Tensor:
@@ -114,10 +117,18 @@ class RunningMoments(nn.Module):
                 )
 
     @staticmethod
-    def _mean_std(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = batch[0]
-        std = torch.where(n > 1, (batch[2] / (n - 1).clamp(min=1)).sqrt(), torch.ones_like(n))
-        return batch[1].float(), std.float()
+    def _var_std(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bessel-corrected (var, std) of a state or batch, both 1 below two samples or when
+        ``std <= eps``: the rule of ``reference.running_std`` and the kernels, decided on the std."""
+        n, one = s[0], torch.ones_like(s[0])
+        var = torch.where(n > 1, s[2] / (n - 1).clamp(min=1), one)
+        std = var.sqrt()
+        flat = std <= eps
+        return torch.where(flat, one, var), torch.where(flat, one, std)
+
+    @staticmethod
+    def _mean_std(batch: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch[1].float(), RunningMoments._var_std(batch, eps)[1].float()
 
     @staticmethod
     def _combine(batches: torch.Tensor) -> torch.Tensor:
@@ -140,7 +151,7 @@ class RunningMoments(nn.Module):
         batch = F.moments(x, mask)
         batches = self._gather(batch) if self._world_size() > 1 else batch[None]
         F.moments_merge_(self.state, batches)
-        return self._mean_std(self._combine(batches) if len(batches) > 1 else batch)
+        return self._mean_std(self._combine(batches) if len(batches) > 1 else batch, self.eps)
 
     @torch.no_grad()
     def normalize(
@@ -183,9 +194,11 @@ class RunningMoments(nn.Module):
         return F.moments_update_normalize_(self.state, x, mask, scale=scale, center=center, clip=clip, eps=self.eps)
 
     @staticmethod
-    def batch_mean_std(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TRL's batch mean and Bessel-corrected std (1 below two samples) from batch moments."""
-        return RunningMoments._mean_std(batch)
+    def batch_mean_std(batch: torch.Tensor, eps: float = MOMENTS_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRL's batch mean and Bessel-corrected std from batch moments, as 0-d fp32 tensors; the std
+        is 1 below two samples or when at most ``eps`` (pass the module's ``eps`` if not the default),
+        as the running std is."""
+        return RunningMoments._mean_std(batch, eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"

@@ -98,9 +98,11 @@ def moments64(x: torch.Tensor, mask: torch.Tensor | None = None) -> np.ndarray:
     return np.array([len(u), mean, ((u - mean) ** 2).sum(), (sel & ~fin).sum()], dtype=np.float64)
 
 
-def std64(state) -> float:
+def std64(state, eps=EPS) -> float:
+    """Bessel-corrected std; 1 below two samples and wherever it is at most eps (equal scores)."""
     n, m2 = float(state[0]), float(state[2])
-    return math.sqrt(m2 / (n - 1)) if n > 1 else 1.0
+    std = math.sqrt(m2 / (n - 1)) if n > 1 else 1.0
+    return 1.0 if std <= eps else std
 
 
 def normalize64(x, mask, state, scale, center, clip, eps=EPS) -> torch.Tensor:
@@ -110,7 +112,7 @@ def normalize64(x, mask, state, scale, center, clip, eps=EPS) -> torch.Tensor:
     if center:
         y = y - float(state[1])
     if scale:
-        y = y / (std64(state) + eps)
+        y = y / (std64(state, eps) + eps)
     if clip is not None:
         y = y.clamp(-clip, clip)
     if mask is not None:
@@ -395,15 +397,104 @@ def test_normalize_below_two_samples_uses_std_1(device, rand, n):
 
 
 def test_normalize_eps(device, rand):
-    """eps is added to the std (0 allowed); a constant state (M2 = 0) divides by eps alone."""
+    """eps is added to the std (0 allowed); a constant state (M2 = 0) has std 0 <= eps, taken as 1,
+    so it divides by 1 + eps (not by eps alone, nor by 0 when eps is 0)."""
     x = rand.randn(33, device=device)
     state = make_state(rand, device)
     for eps in (0.0, 1e-3, 2.0):
         out = ops.moments_normalize(x, None, state, True, False, None, eps)
         assert_normalized(out, normalize64(x, None, state.cpu(), True, False, None, eps))
     flat = torch.tensor([10.0, 4.0, 0.0, 0.0], dtype=torch.float64, device=device)
-    out = ops.moments_normalize(x, None, flat, True, True, None, 0.5)
-    assert_normalized(out, (x.double().cpu() - 4.0) / 0.5)
+    for eps in (0.5, 0.0):
+        for route in ("ops", "fused", "eager"):
+            out = call("moments_normalize", route, x, None, flat, True, True, None, eps)
+            assert_normalized(out, (x.double().cpu() - 4.0) / (1.0 + eps))
+
+
+def _equal_scores(device, dtype=torch.float32) -> torch.Tensor:
+    return torch.full((4,), 0.25, dtype=dtype, device=device)  # below the clip of 0.5 once scaled by 1 / (1 + eps)
+
+
+def _nearly_equal_scores(device) -> torch.Tensor:
+    """1, 1, 1 and the next float32 after 1: std = ulp(1) / 2 = eps / 2."""
+    return torch.tensor([1.0, 1.0, 1.0, 1.0 + EPS], dtype=torch.float32, device=device)
+
+
+def _spread_just_above_eps(device) -> torch.Tensor:
+    """+-d around 0 with std = 2 d / sqrt(3) = 1.1 eps."""
+    d = 1.1 * EPS * math.sqrt(3) / 2
+    return torch.tensor([-d, d, -d, d], dtype=torch.float32, device=device)
+
+
+STD_FLAGS = [(True, False, None), (True, True, None), (True, False, 0.5), (True, True, 0.5)]
+
+
+@pytest.mark.parametrize("flags", STD_FLAGS, ids=["s", "sc", "s-clip", "sc-clip"])
+def test_std_at_most_eps_is_1(device, rand, flags):
+    """A first batch of equal scores (std 0), or of nearly equal ones (std eps / 2), normalises with
+    std 1 as fewer than two samples do: x / (1 + eps), not x / eps (8.4e6 x for float32 eps). A spread
+    just above eps keeps its own std. A varied batch afterwards normalises with the merged moments."""
+    scale, center, clip = flags
+    cases = [
+        ("equal", _equal_scores(device), False),
+        ("nearly equal", _nearly_equal_scores(device), False),
+        ("just above eps", _spread_just_above_eps(device), True),
+    ]
+    for name, x, own_std in cases:
+        v = _np(x)
+        std = v.std(ddof=1)
+        assert (std > 1.05 * EPS) if own_std else (std < 0.55 * EPS), (name, std)  # the inputs are what they claim
+        divisor = (std if own_std else 1.0) + EPS
+        truth = torch.tensor(((v - v.mean()) if center else v) / divisor)
+        if clip is not None:
+            truth = truth.clamp(-clip, clip)
+        second = rand.randn(50, device=device, scale=2.0) + 1.0
+        outs = {}
+        for route in ("ops", "fused", "eager"):
+            state = torch.zeros(4, dtype=torch.float64, device=device)
+            out, batch = call("moments_update_normalize_", route, state, x, None, scale, center, clip, EPS)
+            assert_moments(batch, moments64(x), 3.0)
+            assert_moments(state, moments64(x), 3.0)
+            assert_normalized(out, truth)
+            # the state alone (moments_normalize) gives the same
+            again = call("moments_normalize", route, x, None, state, scale, center, clip, EPS)
+            assert_normalized(again, truth)
+            # a varied batch afterwards: ordinary std of everything seen
+            out2, _ = call("moments_update_normalize_", route, state, second, None, scale, center, clip, EPS)
+            both = torch.cat([x.cpu(), second.cpu()])
+            assert_moments(state, moments64(both), 3.0)
+            assert std64(state.cpu()) > 1.0  # not the 1 of the rule
+            want2 = normalize64(second, None, moments64(both), scale, center, clip)
+            assert_normalized(out2, want2)
+            outs[route] = (out, out2)
+        for route in ("fused", "eager"):  # fused == reference on both batches
+            for got, want in zip(outs[route], outs["ops"]):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_std_exactly_eps_is_1(device, rand):
+    """The rule is ``std <= eps``: a state whose std is exactly eps (two samples, M2 = eps^2, all exact
+    in fp64) divides by 1 + eps; one ulp-scale step above it divides by std + eps, on every route."""
+    x = rand.randn(9, device=device)
+    above = EPS * (1 + 2.0**-20)
+    for std, divisor in ((EPS, 1.0 + EPS), (above, above + EPS)):
+        state = torch.tensor([2.0, 0.0, std * std, 0.0], dtype=torch.float64, device=device)
+        assert math.sqrt(std * std) == std
+        for route in ("ops", "fused", "eager"):
+            out = call("moments_normalize", route, x, None, state, True, False, None, EPS)
+            assert_normalized(out, x.double().cpu() / divisor)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=_id)
+def test_equal_scores_low_precision(device, dtype):
+    """Equal bf16/fp16 scores: std 1, so x / (1 + eps) rounds back to x (x / eps would overflow fp16)."""
+    x = _equal_scores(device, dtype)
+    for route in ("ops", "fused", "eager"):
+        for center in (False, True):
+            state = torch.zeros(4, dtype=torch.float64, device=device)
+            out, _ = call("moments_update_normalize_", route, state, x, None, True, center, None, EPS)
+            want = torch.zeros_like(x) if center else x
+            assert torch.equal(out, want), (route, center, out)
 
 
 def test_normalize_clip_inf_is_no_clip(device, rand):

@@ -156,6 +156,68 @@ def test_fewer_than_two_samples():
     np.testing.assert_allclose(rm.std.item(), math.sqrt(2.0), rtol=1e-15)
 
 
+def test_std_at_most_eps_is_reported_as_1(rand):
+    """Equal scores (std 0) and nearly equal ones (std eps / 2) give a running and a batch std of 1, as
+    fewer than two samples do, and scale by 1 / (1 + eps) instead of 1 / eps; a spread just above eps
+    keeps its std; the module's own eps decides; a varied batch afterwards gives numpy's std."""
+    d = 1.1 * EPS32 * math.sqrt(3) / 2
+    cases = [
+        (torch.full((4,), 2.5), 1.0),
+        (torch.tensor([1.0, 1.0, 1.0, 1.0 + EPS32]), 1.0),
+        (torch.tensor([-d, d, -d, d]), None),  # None: its own std
+    ]
+    for x, want_std in cases:
+        data = _np(x)
+        real = data.std(ddof=1)
+        want = real if want_std is None else want_std
+        for one_call in (True, False):
+            rm = RunningMoments()
+            y, batch = rm.update_normalize(x, clip=None)
+            if not one_call:
+                rm = RunningMoments()
+                mean_u, std_u = rm.update(x)
+                y = rm.normalize(x)
+                np.testing.assert_allclose(std_u.item(), want, rtol=1e-6)
+            mean_b, std_b = RunningMoments.batch_mean_std(batch)
+            np.testing.assert_allclose(std_b.item(), want, rtol=1e-6)
+            np.testing.assert_allclose(mean_b.item(), data.mean(), rtol=1e-7)
+            np.testing.assert_allclose(rm.std.item(), want, rtol=1e-12)
+            np.testing.assert_allclose(rm.var.item(), want**2, rtol=1e-12)
+            torch.testing.assert_close(y.double(), x.double() / (want + EPS32), rtol=1e-6, atol=0)
+            centred = rm.normalize(x, center=True, clip=0.5)
+            truth = ((x.double() - data.mean()) / (want + EPS32)).clamp(-0.5, 0.5)
+            torch.testing.assert_close(centred.double(), truth, rtol=1e-6, atol=1e-6)
+            # a varied batch afterwards: the ordinary running std of everything seen
+            x2 = rand.randn(30, scale=2.0) + 1.0
+            y2, _ = rm.update_normalize(x2, center=True)
+            assert_state(rm, np.concatenate([data, _np(x2)]))
+            truth2 = (x2.double() - rm.mean.item()) / (rm.std.item() + EPS32)
+            torch.testing.assert_close(y2.double(), truth2, rtol=1e-6, atol=1e-6)
+    # the rule uses the module's eps: std 0.42 is at most eps = 0.5
+    rm = RunningMoments(eps=0.5)
+    x = torch.tensor([0.0, 0.6])  # std 0.6 / sqrt(2) = 0.42
+    y, batch = rm.update_normalize(x)
+    assert rm.std.item() == 1.0 and rm.var.item() == 1.0
+    assert RunningMoments.batch_mean_std(batch, eps=0.5)[1].item() == 1.0
+    torch.testing.assert_close(y, x / 1.5)
+
+
+def test_trainer_equal_scores_keep_the_value_loss_small():
+    """PPOTrainer with use_score_scaling and a first batch of four equal scores: the scores scale by
+    1 / (1 + eps), so the value loss stays O(1) (dividing by eps gave scores of 2e7 and a loss of 1e14)."""
+    from trainer_utils import make_batch, make_policy, make_tokenizer
+
+    from ppo_fast import PPOConfig, PPOTrainer
+
+    config = PPOConfig(use_score_scaling=True, batch_size=4, mini_batch_size=4, ppo_epochs=1, seed=0)
+    trainer = PPOTrainer(config, make_policy(), None, make_tokenizer())
+    queries, responses, _ = make_batch(4, seed=0)
+    stats = trainer.step(queries, responses, [torch.tensor(2.5)] * 4)
+    assert 0 < stats["ppo/loss/value"] < 50, stats["ppo/loss/value"]
+    assert trainer.running.std.item() == 1.0
+    assert abs(stats["ppo/mean_scores"] - 2.5) < 1e-5, stats["ppo/mean_scores"]
+
+
 def test_eps_is_float32_machine_eps():
     assert RunningMoments().eps == EPS32 == torch.finfo(torch.float32).eps
     assert RunningMoments(eps=0.5).eps == 0.5

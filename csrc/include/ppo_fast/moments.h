@@ -1,6 +1,6 @@
 // Running reward moments, written once for CPU and CUDA:
 //   state = (count, mean, M2, rejected) in fp64; a batch's (n, mean, M2) merges with Chan et al.'s
-//   parallel formula; std = sqrt(M2 / (count - 1)) (1 below two samples);
+//   parallel formula; std = sqrt(M2 / (count - 1)), taken as 1 below two samples or when std <= eps;
 //   normalise: x / (std + eps) (scale), (x - mean) / (std + eps) (scale + center), then clip.
 // A batch holding NaN or inf is not merged (the state stays clean) and `rejected` counts it.
 #pragma once
@@ -44,9 +44,13 @@ C10_HOST_DEVICE inline void merge_batches(double* state, const double* batches, 
   state[kM2] = m.m2;
 }
 
-// Bessel-corrected std of a state or batch; 1 with fewer than two samples (TRL: inf).
-C10_HOST_DEVICE inline double std_of(const double* s) {
-  return s[kCount] > 1 ? ::sqrt(s[kM2] / (s[kCount] - 1)) : 1.0;
+// Bessel-corrected std of a state or batch, the one normalisation divides by: 1 with fewer than two
+// samples (TRL: inf), and 1 when std <= eps, as for equal scores, where x / (0 + eps) would scale
+// them by 1 / eps (8.4e6 for float32 eps). "<=" so that eps = 0 still never divides by a zero std.
+// A NaN std (a corrupt state) stays NaN.
+C10_HOST_DEVICE inline double std_of(const double* s, double eps) {
+  const double std = s[kCount] > 1 ? ::sqrt(s[kM2] / (s[kCount] - 1)) : 1.0;
+  return std <= eps ? 1.0 : std;
 }
 
 struct Normalize {
@@ -59,7 +63,7 @@ struct Normalize {
 template <typename T>
 C10_HOST_DEVICE inline void affine_of(const double* state, const Normalize& p, T& shift, T& mul) {
   shift = p.center ? static_cast<T>(state[kMean]) : T(0);
-  mul = p.scale ? static_cast<T>(1.0 / (std_of(state) + p.eps)) : T(1);
+  mul = p.scale ? static_cast<T>(1.0 / (std_of(state, p.eps) + p.eps)) : T(1);
 }
 
 template <typename T>
