@@ -384,10 +384,18 @@ def _check_resume(script: ScriptArguments) -> str | None:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The ``checkpoint-<step>`` directory of ``output_dir`` with the highest step, or None."""
+    """The complete ``checkpoint-<step>`` directory of ``output_dir`` with the highest step, or None. A save that
+    was cut off leaves no complete directory of that step (``save_checkpoint`` stages it under a hidden name and
+    moves it into place last), so the one before it is taken."""
+    from ppo_fast.trainer.checkpoint import is_complete
+
     if not os.path.isdir(output_dir):
         return None
-    steps = [int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
+    steps = [
+        int(m.group(1))
+        for name in os.listdir(output_dir)
+        if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and is_complete(os.path.join(output_dir, name))
+    ]
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
@@ -820,9 +828,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics_path = output_dir / "metrics.jsonl"
     if script.resume_from_checkpoint:
         # After everything above: load_checkpoint also restores every process's RNG, which the setup consumed.
-        trainer.load_checkpoint(script.resume_from_checkpoint)
-        state_file = Path(script.resume_from_checkpoint) / "example_state.json"
-        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        state = trainer.load_checkpoint(script.resume_from_checkpoint) or {}
         samples_seen = int(state.get("samples_seen", trainer.current_step * bs * world))
         if main_process:
             # Drop what a previous run logged after this checkpoint, so the log has each step once.
@@ -839,18 +845,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         generation_kwargs["min_new_tokens"] = script.min_new_tokens
 
     def save_checkpoint(step: int) -> None:
-        directory = output_dir / f"checkpoint-{step}"
-        trainer.save_checkpoint(directory)
-        if main_process:
-            state = {
-                "step": step,
-                "samples_seen": samples_seen,
-                "num_processes": world,
-                "batch_size": bs,
-                "model_name_or_path": script.model_name_or_path,
-            }
-            (directory / "example_state.json").write_text(json.dumps(state, indent=1) + "\n")
-        acc.wait_for_everyone()
+        state = {
+            "step": step,
+            "samples_seen": samples_seen,
+            "num_processes": world,
+            "batch_size": bs,
+            "model_name_or_path": script.model_name_or_path,
+        }
+        trainer.save_checkpoint(output_dir / f"checkpoint-{step}", user_state=state)  # atomic, with this state
 
     progress = tqdm(total=script.max_steps, initial=trainer.current_step, disable=not main_process, desc="PPO")
     t_start = time.perf_counter()

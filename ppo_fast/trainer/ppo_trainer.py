@@ -24,6 +24,7 @@ import contextlib
 import gc
 import inspect
 import json
+import math
 import os
 import time
 import warnings
@@ -37,6 +38,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from ppo_fast import functional as F
 from ppo_fast.models import AutoModelForCausalLMWithValueHead, create_reference_model
 from ppo_fast.reference import PPO_LOSS_STATS
+from ppo_fast.trainer import checkpoint as _ckpt
 from ppo_fast.trainer.config import PPOConfig
 from ppo_fast.trainer.distributed import build_accelerator
 from ppo_fast.trainer.kl_controllers import AdaptiveKLController, FixedKLController
@@ -46,6 +48,10 @@ __all__ = ["PPOTrainer"]
 
 _PRETRAINED_DIR = "pretrained"  # the consolidated policy inside a checkpoint
 _CHECKPOINT_META = "ppo_fast_checkpoint.json"
+_TRAINER_STATE = "trainer_state.json"  # step, KL controller, reference checksum
+_RUNNING_MOMENTS = "running_moments.safetensors"
+_LR_SCHEDULER = "lr_scheduler.pt"
+_USER_STATE = "user_state.json"
 
 # Train statistics reported per step (TRL's names under ``ppo/``): the loss op's, in its order, then ours.
 _LOSS_STAT_KEYS = tuple(k for k in PPO_LOSS_STATS if not k.startswith("ppo/"))
@@ -186,11 +192,7 @@ class PPOTrainer:
             else FixedKLController(config.init_kl_coef)
         )
         self.current_step = 0
-        self._checkpoint_state = _TrainerState(self)
-        for obj in (self.running, self._checkpoint_state):
-            self.accelerator.register_for_checkpointing(obj)
-        if self.lr_scheduler is not None:
-            self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        self._checkpoint_state = _TrainerState(self)  # saved by save_checkpoint as JSON, with the moments
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._vocab_size = unwrapped.pretrained_model.get_input_embeddings().num_embeddings
@@ -927,117 +929,339 @@ class PPOTrainer:
     def _save_pretrained(self, save_directory: str | os.PathLike) -> None:  # TRL's name
         self.save_pretrained(save_directory)
 
-    def save_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
+    def save_checkpoint(self, checkpoint_dir: str | os.PathLike, user_state: dict[str, Any] | None = None) -> None:
         """Everything a resumed run needs: model and value head, optimizer (8-bit state included), scheduler,
         running score moments, KL controller, step count and every process's RNG states (``accelerator.save_state``;
         under DeepSpeed its partitioned format), plus the consolidated policy in ``pretrained/`` (loadable with
         ``AutoModelForCausalLMWithValueHead.from_pretrained`` without DeepSpeed) and ``ppo_fast_checkpoint.json``
-        saying how it was written. Call it on every process."""
-        checkpoint_dir = os.fspath(checkpoint_dir)
-        self._checkpoint_state.checksum = self._checkpoint_state.reference_checksum()  # collective under ZeRO-3
-        self.accelerator.save_state(checkpoint_dir, safe_serialization=False)
-        self.save_pretrained(os.path.join(checkpoint_dir, _PRETRAINED_DIR))
-        if self.accelerator.is_main_process:
-            with open(os.path.join(checkpoint_dir, _CHECKPOINT_META), "w") as f:
-                json.dump(self._checkpoint_layout(), f, indent=1)
+        saying how it was written. ``user_state`` (JSON) is saved with it and returned by ``load_checkpoint``, so a
+        training script's own counters are part of the same atomic checkpoint. Call it on every process.
+
+        The write is atomic: everything goes to ``.<name>.partial`` next to ``checkpoint_dir``, is flushed to disk and
+        listed in a manifest (sizes and SHA-256), and only then replaces ``checkpoint_dir``; a crash at any point
+        leaves the previous checkpoint of that name (if any) complete and loadable. The trainer's own state is JSON
+        and safetensors; every pickle (accelerate's and DeepSpeed's) loads with ``weights_only=True``."""
+        checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
+        if user_state is not None:
+            if not isinstance(user_state, dict):
+                raise TypeError(
+                    f"PPOTrainer.save_checkpoint: user_state must be a dict or None, got {type(user_state).__name__}"
+                )
+            try:
+                json.dumps(user_state, allow_nan=True)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"PPOTrainer.save_checkpoint: user_state must be JSON-serialisable ({e})") from None
+        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ValueError(f"PPOTrainer.save_checkpoint: checkpoint_dir {checkpoint_dir} is a file")
+        checksum = self._checkpoint_state.reference_checksum()  # collective under ZeRO-3
+        writer = self.accelerator.is_main_process
+        stage = _ckpt.staging_path(checkpoint_dir)
+        if writer:
+            _ckpt.begin(checkpoint_dir)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(stage, safe_serialization=False)
+        self.save_pretrained(os.path.join(stage, _PRETRAINED_DIR))
+        if writer:
+            from safetensors.torch import save_file
+
+            state = self._checkpoint_state.state_dict()
+            state["reference_checksum"] = checksum
+            _ckpt.write_json(os.path.join(stage, _TRAINER_STATE), state)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.running.state_dict().items()},
+                os.path.join(stage, _RUNNING_MOMENTS),
+            )
+            if self.lr_scheduler is not None:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(stage, _LR_SCHEDULER))
+            if user_state is not None:
+                _ckpt.write_json(os.path.join(stage, _USER_STATE), user_state)
+            _ckpt.write_json(os.path.join(stage, _CHECKPOINT_META), self._checkpoint_layout())
+        _ckpt.flush(stage)  # every process: the files it wrote are on disk before the manifest says so
+        self.accelerator.wait_for_everyone()
+        if writer:
+            _ckpt.publish(stage, checkpoint_dir)
         self.accelerator.wait_for_everyone()
 
     def _checkpoint_layout(self) -> dict[str, Any]:
-        custom = self.accelerator._custom_objects
         return {
             "format": "deepspeed" if self.accelerator.distributed_type == DistributedType.DEEPSPEED else "accelerate",
             "num_processes": self.accelerator.num_processes,
             "zero_stage": getattr(self.model, "zero_optimization_stage", lambda: 0)(),
             "current_step": self.current_step,
-            "running_moments": custom.index(self.running),
-            "trainer_state": custom.index(self._checkpoint_state),
-            "lr_scheduler": custom.index(self.lr_scheduler) if self.lr_scheduler is not None else None,
+            "lr_scheduler": self.lr_scheduler is not None,
         }
 
-    def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> None:
-        """Restore what ``save_checkpoint`` wrote; the next ``step`` continues as the original run would.
+    def load_checkpoint(self, checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
+        """Restore what ``save_checkpoint`` wrote; the next ``step`` continues as the original run would. Returns
+        the ``user_state`` saved with it (None if none was).
 
         Resumed with the same launch (processes, DeepSpeed stage), everything comes back exactly. A DeepSpeed
         checkpoint loaded without DeepSpeed (e.g. one process) restores the consolidated policy, scheduler, running
         moments, KL controller and step count, and warns that the optimizer state (partitioned by DeepSpeed) and the
         RNG states start afresh.
 
+        Everything is checked before anything changes: every file against the manifest (a missing, truncated or
+        altered file is refused, naming it), every pickle with ``weights_only=True`` (one that would run code is
+        refused, naming it), the model's parameter names and shapes, the optimizer's groups and states, the RNG
+        states, the running moments and the reference model. A load that raises leaves the trainer as it was.
+
         The frozen reference model is not in the checkpoint (it would double its size): build the trainer as the
         original run did (same base model, same ``num_shared_layers``) and then load. A checksum of the reference's
         weights is saved, so a different reference is an error here, raised before anything is loaded."""
+        who = "PPOTrainer.load_checkpoint"
         checkpoint_dir = os.fspath(checkpoint_dir)
         if not os.path.isdir(checkpoint_dir):
-            raise FileNotFoundError(f"PPOTrainer.load_checkpoint: no checkpoint directory at {checkpoint_dir}")
+            raise FileNotFoundError(f"{who}: no checkpoint directory at {checkpoint_dir}")
         meta_path = os.path.join(checkpoint_dir, _CHECKPOINT_META)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(
-                f"PPOTrainer.load_checkpoint: {checkpoint_dir} is not a checkpoint of this trainer (no "
-                f"{_CHECKPOINT_META}); write one with save_checkpoint"
+                f"{who}: {checkpoint_dir} is not a checkpoint of this trainer (no {_CHECKPOINT_META}); write one "
+                "with save_checkpoint"
             )
-        with open(meta_path) as f:
-            saved_layout = json.load(f)
+        files = _ckpt.verify_manifest(checkpoint_dir, who=who)
+        _ckpt.check_pickles(checkpoint_dir, files)
+
+        def path(name: str) -> str:
+            return os.path.join(checkpoint_dir, name)
+
+        saved_layout = _ckpt.read_json(meta_path, who=who)
         here = self._checkpoint_layout()
-        if (saved_layout["lr_scheduler"] is None) != (here["lr_scheduler"] is None):
+        if not isinstance(saved_layout, dict) or not {"format", "num_processes", "zero_stage"} <= saved_layout.keys():
+            raise ValueError(f"{who}: {meta_path} is not a ppo_fast checkpoint layout")
+        if bool(saved_layout.get("lr_scheduler")) != (self.lr_scheduler is not None):
             raise ValueError(
-                "PPOTrainer.load_checkpoint: the checkpoint was written "
-                f"{'without' if saved_layout['lr_scheduler'] is None else 'with'} an lr_scheduler and this trainer "
-                f"has {'one' if here['lr_scheduler'] is not None else 'none'}"
+                f"{who}: the checkpoint was written {'with' if saved_layout.get('lr_scheduler') else 'without'} an "
+                f"lr_scheduler and this trainer has {'one' if self.lr_scheduler is not None else 'none'}"
             )
-
-        def custom(key: str) -> Any:
-            path = os.path.join(checkpoint_dir, f"custom_checkpoint_{saved_layout[key]}.pkl")
-            return torch.load(path, map_location="cpu", weights_only=False)
-
-        trainer_state = custom("trainer_state")
+        trainer_state = _ckpt.read_json(path(_TRAINER_STATE), who=who)
         self._checkpoint_state.check_compatible(trainer_state, check_reference=True)
+        running = self._read_running_moments(path(_RUNNING_MOMENTS))
+        scheduler = _ckpt.safe_load(path(_LR_SCHEDULER)) if self.lr_scheduler is not None else None
+        user_state = _ckpt.read_json(path(_USER_STATE), who=who) if os.path.isfile(path(_USER_STATE)) else None
+
         native = saved_layout["format"] == here["format"] and (
             here["format"] == "accelerate"
             or (saved_layout["num_processes"], saved_layout["zero_stage"])
             == (here["num_processes"], here["zero_stage"])
         )
-        if native:
-            self.accelerator.load_state(checkpoint_dir)
-            return
-        if here["format"] == "deepspeed":
+        if native and here["format"] == "accelerate":
+            loaded = self._read_accelerate_state(checkpoint_dir)
+        elif native:  # DeepSpeed reads its own files, through safe_load (the checks above already passed)
+            loaded = None
+        elif here["format"] == "deepspeed":
             raise ValueError(
-                f"PPOTrainer.load_checkpoint: the checkpoint was written by {saved_layout['num_processes']} "
-                f"process(es) ({saved_layout['format']}, ZeRO stage {saved_layout['zero_stage']}) and this trainer "
-                f"runs DeepSpeed ZeRO-{here['zero_stage']} on {here['num_processes']}; resume with the original "
-                f"launch, or start from the consolidated policy in {os.path.join(checkpoint_dir, _PRETRAINED_DIR)}"
+                f"{who}: the checkpoint was written by {saved_layout['num_processes']} process(es) "
+                f"({saved_layout['format']}, ZeRO stage {saved_layout['zero_stage']}) and this trainer runs DeepSpeed "
+                f"ZeRO-{here['zero_stage']} on {here['num_processes']}; resume with the original launch, or start "
+                f"from the consolidated policy in {path(_PRETRAINED_DIR)}"
             )
-        # DeepSpeed's partitioned checkpoint in a run without DeepSpeed: the consolidated policy and our own state.
-        pretrained = AutoModelForCausalLMWithValueHead.from_pretrained(os.path.join(checkpoint_dir, _PRETRAINED_DIR))
-        model = self.accelerator.unwrap_model(self.model)
-        with torch.no_grad():
-            model.load_state_dict(pretrained.state_dict())
-        del pretrained
-        self.running.load_state_dict(custom("running_moments"))
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.load_state_dict(custom("lr_scheduler"))
+        else:  # DeepSpeed's partitioned checkpoint in a run without DeepSpeed: the consolidated policy
+            loaded = {"model": self._read_pretrained(path(_PRETRAINED_DIR))}
+
+        # -- everything is read and checked; from here on the state changes
+        if loaded is None:
+            with _safe_deepspeed_loads(self.model):
+                self.accelerator.load_state(checkpoint_dir)
+        elif "optimizer" in loaded:
+            self._apply_accelerate_state(loaded)
+        else:
+            with torch.no_grad():
+                self.accelerator.unwrap_model(self.model).load_state_dict(loaded["model"])
+        self.running.load_state_dict(running)
+        if scheduler is not None:
+            self.lr_scheduler.load_state_dict(scheduler)
         self._checkpoint_state.load_state_dict(trainer_state)
-        warnings.warn(
-            f"PPOTrainer.load_checkpoint: {checkpoint_dir} was written under DeepSpeed ZeRO-"
-            f"{saved_layout['zero_stage']} by {saved_layout['num_processes']} processes; restored the policy, "
-            "scheduler, running moments, KL controller and step count; the optimizer state (partitioned by "
-            "DeepSpeed) and the RNG states start afresh",
-            UserWarning,
-            stacklevel=2,
+        if not native:
+            warnings.warn(
+                f"{who}: {checkpoint_dir} was written under DeepSpeed ZeRO-{saved_layout['zero_stage']} by "
+                f"{saved_layout['num_processes']} processes; restored the policy, scheduler, running moments, KL "
+                "controller and step count; the optimizer state (partitioned by DeepSpeed) and the RNG states start "
+                "afresh",
+                UserWarning,
+                stacklevel=2,
+            )
+        return user_state
+
+    # ------------------------------------------------------------------------------------ checkpoint reading
+    def _read_running_moments(self, path: str) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"PPOTrainer.load_checkpoint: checkpoint file {path} cannot be read ({e})") from None
+        _check_tensors_like(state, self.running.state_dict(), path, "running moments")
+        if not torch.isfinite(state["state"]).all() or state["state"][0] < 0:
+            raise ValueError(f"PPOTrainer.load_checkpoint: {path} holds invalid running moments {state['state']}")
+        return state
+
+    def _read_pretrained(self, directory: str) -> dict[str, torch.Tensor]:
+        """The consolidated policy's state dict, checked against this trainer's model."""
+        pretrained = AutoModelForCausalLMWithValueHead.from_pretrained(directory)
+        state = pretrained.state_dict()
+        del pretrained
+        _check_tensors_like(state, self.accelerator.unwrap_model(self.model).state_dict(), directory, "model")
+        return state
+
+    def _read_accelerate_state(self, checkpoint_dir: str) -> dict[str, Any]:
+        """Read and check what ``accelerator.save_state`` wrote for this process (model, optimizer, RNG, scaler),
+        without applying any of it."""
+        who = "PPOTrainer.load_checkpoint"
+        acc = self.accelerator
+        if len(acc._models) != 1 or len(acc._optimizers) != 1:
+            raise ValueError(
+                f"{who}: expected one prepared model and optimizer, found {len(acc._models)} and {len(acc._optimizers)}"
+            )
+        model_path = os.path.join(checkpoint_dir, "pytorch_model.bin")
+        model = _ckpt.safe_load(model_path, mmap=True)
+        _check_tensors_like(model, acc._models[0].state_dict(), model_path, "model")
+        opt_path = os.path.join(checkpoint_dir, "optimizer.bin")
+        if not os.path.isfile(opt_path):
+            raise ValueError(f"{who}: checkpoint file {opt_path} is missing")
+        optimizer = _ckpt.safe_load(opt_path)
+        _check_optimizer_state(optimizer, self.optimizer.state_dict(), opt_path)
+        rng_path = os.path.join(checkpoint_dir, f"random_states_{acc.process_index}.pkl")
+        if not os.path.isfile(rng_path):
+            raise ValueError(f"{who}: checkpoint file {rng_path} is missing (this process's RNG states)")
+        rng = _ckpt.safe_load(rng_path)
+        _check_rng_states(rng, rng_path)
+        scaler_path = os.path.join(checkpoint_dir, "scaler.pt")
+        scaler = None
+        if acc.scaler is not None:
+            if not os.path.isfile(scaler_path):
+                raise ValueError(f"{who}: checkpoint file {scaler_path} is missing (this run scales fp16 losses)")
+            scaler = _ckpt.safe_load(scaler_path)
+        return {"model": model, "optimizer": optimizer, "rng": rng, "scaler": scaler}
+
+    def _apply_accelerate_state(self, loaded: dict[str, Any]) -> None:
+        """What ``accelerator.load_state`` does for one model and optimizer, from state read and checked by
+        ``_read_accelerate_state``. The optimizer goes first: its own ``load_state_dict`` checks before it changes."""
+        import random
+
+        acc = self.accelerator
+        acc._optimizers[0].load_state_dict(loaded["optimizer"])
+        acc._models[0].load_state_dict(loaded["model"])
+        if loaded["scaler"] is not None:
+            acc.scaler.load_state_dict(loaded["scaler"])
+        rng = loaded["rng"]
+        random.setstate(rng["random_state"])
+        np.random.set_state(rng["numpy_random_seed"])
+        torch.set_rng_state(rng["torch_manual_seed"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in rng:
+            torch.cuda.set_rng_state_all(rng["torch_cuda_manual_seed"])
+        if "step" in rng:
+            acc.step = int(rng["step"])
+
+
+def _check_tensors_like(state: Any, expected: dict[str, torch.Tensor], path: str, what: str) -> None:
+    """``state`` has exactly ``expected``'s keys, each a tensor of the same shape (and dtype class)."""
+    who = "PPOTrainer.load_checkpoint"
+    if not isinstance(state, dict):
+        raise ValueError(f"{who}: {path} does not hold a {what} state dict (found {type(state).__name__})")
+    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(
+            f"{who}: {path} does not match this trainer's {what}: missing {missing[:5]}, unexpected {extra[:5]}"
         )
+    for k, want in expected.items():
+        have = state[k]
+        if not isinstance(have, torch.Tensor) or have.shape != want.shape:
+            shape = tuple(have.shape) if isinstance(have, torch.Tensor) else type(have).__name__
+            raise ValueError(f"{who}: {path}: {what} entry {k!r} is {shape}, this trainer's is {tuple(want.shape)}")
+        if have.dtype.is_floating_point != want.dtype.is_floating_point:
+            raise ValueError(f"{who}: {path}: {what} entry {k!r} has dtype {have.dtype}, this trainer's {want.dtype}")
+
+
+def _check_optimizer_state(state: Any, current: dict[str, Any], path: str) -> None:
+    """The saved optimizer state fits this optimizer: same groups with the same number of parameters, per-parameter
+    states for parameters that exist, tensors only where this optimizer (if it has stepped) has tensors of the same
+    shape. The optimizer's own ``load_state_dict`` checks the rest before it changes anything."""
+    who = "PPOTrainer.load_checkpoint"
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("param_groups"), list)
+        or not isinstance(state.get("state"), dict)
+    ):
+        raise ValueError(f"{who}: {path} does not hold an optimizer state dict")
+    groups, now = state["param_groups"], current["param_groups"]
+    if len(groups) != len(now) or any(
+        not isinstance(g, dict) or len(g.get("params", ())) != len(c["params"]) for g, c in zip(groups, now)
+    ):
+        raise ValueError(
+            f"{who}: {path} holds an optimizer of {[len(g.get('params', ())) for g in groups]} parameters per group, "
+            f"this trainer's has {[len(c['params']) for c in now]}"
+        )
+    ids = {i for g in groups for i in g["params"]}
+    for pid, entry in state["state"].items():
+        if pid not in ids or not isinstance(entry, dict):
+            raise ValueError(f"{who}: {path} holds a state for parameter {pid!r}, which no group lists")
+    by_saved = {i: c for g, cg in zip(groups, now) for i, c in zip(g["params"], cg["params"])}
+    for pid, entry in state["state"].items():
+        mine = current["state"].get(by_saved[pid])
+        if mine is None:
+            continue
+        for key, value in entry.items():
+            ref = mine.get(key)
+            if isinstance(ref, torch.Tensor) and (not isinstance(value, torch.Tensor) or value.shape != ref.shape):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{who}: {path}: optimizer state {key!r} of parameter {pid} is {shape}, this optimizer's is "
+                    f"{tuple(ref.shape)}"
+                )
+
+
+def _check_rng_states(rng: Any, path: str) -> None:
+    who = "PPOTrainer.load_checkpoint"
+    keys = ("random_state", "numpy_random_seed", "torch_manual_seed")
+    if not isinstance(rng, dict) or any(k not in rng for k in keys):
+        raise ValueError(f"{who}: {path} does not hold RNG states (expected keys {list(keys)})")
+    t = rng["torch_manual_seed"]
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.shape != torch.get_rng_state().shape:
+        raise ValueError(f"{who}: {path}: torch_manual_seed is not a torch RNG state")
+    import random
+
+    probe_py, probe_np = random.Random(), np.random.RandomState()
+    try:  # on throwaway generators: a malformed state raises here, not half-way through the load
+        probe_py.setstate(rng["random_state"])
+        probe_np.set_state(rng["numpy_random_seed"])
+        torch.Generator().set_state(t)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{who}: {path} holds a malformed RNG state ({e})") from None
+
+
+@contextlib.contextmanager
+def _safe_deepspeed_loads(engine: Any) -> Iterator[None]:
+    """DeepSpeed's checkpoint engine unpickles with ``weights_only=False``; while it loads this trainer's
+    checkpoint, it reads through ``safe_load`` instead."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        yield
+        return
+    original = ce.load
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return _ckpt.safe_load(path, map_location=map_location)
+
+    ce.load = load
+    try:
+        yield
+    finally:
+        ce.load = original
 
 
 class _TrainerState:
-    """The trainer's own counters for ``accelerator.save_state``: KL controller and step count."""
+    """The trainer's own counters, saved as JSON: KL controller, step count and the reference's checksum."""
 
     def __init__(self, trainer: PPOTrainer):
         self.trainer = trainer
-        self.checksum: list[float] | None = None  # of the reference, taken by save_checkpoint on every process
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "current_step": self.trainer.current_step,
             "kl_ctl": self.trainer.kl_ctl.state_dict(),
             "kl_ctl_type": type(self.trainer.kl_ctl).__name__,
-            "reference_checksum": self.checksum,
+            "reference_checksum": None,  # filled by save_checkpoint (a collective under ZeRO-3)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1071,12 +1295,28 @@ class _TrainerState:
             total = self.trainer.accelerator.reduce(total, reduction="sum")
         return total.cpu().tolist()
 
-    def check_compatible(self, state: dict[str, Any], *, check_reference: bool) -> None:
+    def check_compatible(self, state: Any, *, check_reference: bool) -> None:
+        """Raise (before anything is applied) unless ``state`` is a well-formed trainer state of this trainer."""
+        if not isinstance(state, dict):
+            raise ValueError(f"PPOTrainer.load_checkpoint: the trainer state {_TRAINER_STATE} is not a JSON object")
         kind = state.get("kl_ctl_type")
         if kind is not None and kind != type(self.trainer.kl_ctl).__name__:
             raise ValueError(
                 f"PPOTrainer.load_checkpoint: the checkpoint was written with a {kind} but this trainer has a "
                 f"{type(self.trainer.kl_ctl).__name__} (config.adap_kl_ctrl differs)"
+            )
+        kl_keys = self.trainer.kl_ctl.state_dict().keys()
+        if (
+            isinstance(state.get("current_step"), bool)
+            or not isinstance(state.get("current_step"), int)
+            or state["current_step"] < 0
+            or not isinstance(state.get("kl_ctl"), dict)
+            or state["kl_ctl"].keys() != kl_keys
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in state["kl_ctl"].values())
+        ):
+            raise ValueError(
+                f"PPOTrainer.load_checkpoint: the trainer state {_TRAINER_STATE} is malformed (expected a "
+                f"non-negative current_step and a kl_ctl with finite {sorted(kl_keys)}); got {state!r:.200}"
             )
         saved = state.get("reference_checksum")
         if not check_reference or saved is None:  # None: a PEFT policy's reference, or written by save_state alone

@@ -105,9 +105,14 @@ def test_flags_with_a_model_keep_trl_defaults(tmp_path):
     assert ex.parse_reward_spec("lexicon:/x.json") == ("lexicon", "/x.json")
 
 
-def test_resume_latest_finds_the_newest_checkpoint(tmp_path):
-    for step in (2, 10, 4):
+def test_resume_latest_finds_the_newest_complete_checkpoint(tmp_path):
+    from ppo_fast.trainer.checkpoint import MANIFEST
+
+    for step in (2, 10, 4, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        if step != 12:  # checkpoint-12 has no manifest: its save was cut off
+            (tmp_path / f"checkpoint-{step}" / MANIFEST).write_text('{"format": 1, "files": {}}')
+    (tmp_path / ".checkpoint-14.partial").mkdir()  # a save in progress
     script, _ = ex.parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     assert script.resume_from_checkpoint == str(tmp_path / "checkpoint-10")
 
@@ -280,7 +285,7 @@ def test_end_to_end_writes_log_plot_checkpoints_and_model(run_a):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (run_a / "tiny_model" / "config.json").is_file() and (run_a / "tiny_model" / "tokenizer.json").is_file()
     for step in (2, 4):
-        state = json.loads((run_a / f"checkpoint-{step}" / "example_state.json").read_text())
+        state = json.loads((run_a / f"checkpoint-{step}" / "user_state.json").read_text())
         assert state["step"] == step and state["samples_seen"] == 8 * step
 
     # The final model loads as a policy with the value head it was trained to, and the LM weights with it.
