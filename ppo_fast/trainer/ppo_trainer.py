@@ -196,6 +196,15 @@ class PPOTrainer:
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._vocab_size = unwrapped.pretrained_model.get_input_embeddings().num_embeddings
+        # The longest query + response the model can take (its position table): a longer one would fail inside
+        # the forward, after the score moments were updated, so step() refuses it up front.
+        model_config = unwrapped.pretrained_model.config
+        self._max_positions_name = next(
+            (f"config.{k}" for k in ("n_positions", "max_position_embeddings") if getattr(model_config, k, None)), None
+        )
+        self._max_positions = (
+            int(getattr(model_config, self._max_positions_name[len("config.") :])) if self._max_positions_name else None
+        )
         pad = getattr(tokenizer, "pad_token_id", None)
         self._pad_id = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
         if self._pad_id is None:
@@ -361,6 +370,15 @@ class PPOTrainer:
                     f"PPOTrainer.step: scores[{i}] must hold one real number, got shape {tuple(s.shape)} "
                     f"dtype {s.dtype}"
                 )
+        limit = self._max_positions
+        if limit is not None:
+            for i, (q, r) in enumerate(zip(queries, responses)):
+                if q.numel() + r.numel() > limit:
+                    raise ValueError(
+                        f"PPOTrainer.step: queries[{i}] and responses[{i}] hold {q.numel()} + {r.numel()} tokens but "
+                        f"the model takes at most {limit} positions ({self._max_positions_name}); truncate the "
+                        "query or generate fewer tokens"
+                    )
         if response_masks is not None:
             for i, (m, r) in enumerate(zip(response_masks, responses)):
                 if m.shape != r.shape:
