@@ -1150,7 +1150,13 @@ class PPOTrainer:
             if not os.path.isfile(scaler_path):
                 raise ValueError(f"{who}: checkpoint file {scaler_path} is missing (this run scales fp16 losses)")
             scaler = _ckpt.safe_load(scaler_path)
-        return {"model": model, "optimizer": optimizer, "rng": rng, "scaler": scaler}
+        custom = []  # objects the user registered with accelerator.register_for_checkpointing
+        for i in range(len(acc._custom_objects)):
+            custom_path = os.path.join(checkpoint_dir, f"custom_checkpoint_{i}.pkl")
+            if not os.path.isfile(custom_path):
+                raise ValueError(f"{who}: checkpoint file {custom_path} is missing (a registered object's state)")
+            custom.append(_ckpt.safe_load(custom_path))
+        return {"model": model, "optimizer": optimizer, "rng": rng, "scaler": scaler, "custom": custom}
 
     def _apply_accelerate_state(self, loaded: dict[str, Any]) -> None:
         """What ``accelerator.load_state`` does for one model and optimizer, from state read and checked by
@@ -1170,6 +1176,8 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(rng["torch_cuda_manual_seed"])
         if "step" in rng:
             acc.step = int(rng["step"])
+        for obj, state in zip(acc._custom_objects, loaded["custom"]):
+            obj.load_state_dict(state)
 
 
 def _check_tensors_like(state: Any, expected: dict[str, torch.Tensor], path: str, what: str) -> None:

@@ -96,6 +96,13 @@ def test_zero3_reference_generation_reward_model_and_checkpoint(launched, launch
     assert z0["reward_numel"] == z1["reward_numel"] > 10000
     assert z0["reward_forward_ok"] and z1["reward_forward_ok"]
 
+    # Resumed under the same launch, DeepSpeed's own load (through safe_load) restores the state at the save.
+    for z in (z0, z1):
+        native = z["native_resume"]
+        assert native["moved"] != z["params_at_save"]
+        assert native["params"] == pytest.approx(z["params_at_save"], rel=1e-12)
+        assert native["current_step"] == z["steps_at_save"] and native["kl_coef"] == z["kl_coef_at_save"]
+
     # The ZeRO-3 checkpoint and save_pretrained load in one process without DeepSpeed.
     out = tmp_path / "load"
     launch("python", WORKER, out, work, "load")

@@ -207,6 +207,16 @@ def zero3(tokenizer, trainer: PPOTrainer, work_dir: str, rank: int, world: int) 
     out["params_at_save"] = _full_params(trainer)
     out["steps_at_save"] = trainer.current_step
     out["kl_coef_at_save"] = trainer.kl_ctl.value
+    # Wander off one step, then resume natively: DeepSpeed reads its partitioned files through safe_load.
+    trainer.step(*_local(_global_batch(7), rank, world))
+    moved = _full_params(trainer)
+    trainer.load_checkpoint(os.path.join(work_dir, "ckpt"))
+    out["native_resume"] = {
+        "moved": moved,
+        "params": _full_params(trainer),
+        "current_step": trainer.current_step,
+        "kl_coef": trainer.kl_ctl.value,
+    }
     return out
 
 

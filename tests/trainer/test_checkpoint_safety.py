@@ -326,3 +326,23 @@ def test_a_step_longer_than_the_model_changes_nothing(arch, limit_name, tokenize
     _assert_unchanged(trainer, before)
     queries[1] = queries[1][1:]  # exactly the limit runs
     trainer.step(queries, responses, scores)
+
+
+def test_objects_registered_with_the_accelerator_come_back_through_safe_load(tokenizer, tmp_path):
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def state_dict(self):
+            return {"n": torch.tensor(self.n)}
+
+        def load_state_dict(self, state):
+            self.n = int(state["n"])
+
+    trainer, counter = _build(tokenizer), Counter()
+    trainer.accelerator.register_for_checkpointing(counter)
+    counter.n = 5
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    counter.n = 9
+    trainer.load_checkpoint(tmp_path / "ckpt")
+    assert counter.n == 5
