@@ -44,6 +44,7 @@ __all__ = ["Lion", "Lion8bit"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _M32 = 0xFFFFFFFF
+_GROUP_KEYS = ("lr", "betas", "weight_decay", "stochastic_rounding", "seed")  # what step() reads from a group
 
 
 class Lion(torch.optim.Optimizer):
@@ -144,7 +145,7 @@ class Lion(torch.optim.Optimizer):
                     f"{len(group['params'])} in the optimizer"
                 )
             merged = {**saved, "params": group["params"]}  # what Optimizer.load_state_dict installs
-            missing = sorted(self.defaults.keys() - merged.keys())
+            missing = [k for k in (*_GROUP_KEYS, *self._extra_defaults()) if k not in merged]
             if missing:
                 raise ValueError(f"{where}: param_groups[{i}] lacks {', '.join(map(repr, missing))}")
             self._check_group(f"{where}: param_groups[{i}]", merged)
