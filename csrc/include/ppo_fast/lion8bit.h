@@ -132,21 +132,24 @@ constexpr uint32_t kInfBits = 0x7F800000u;
 // can make, then requantises to +-absmax for +-inf and to 0 for NaN instead of poisoning the block).
 C10_HOST_DEVICE inline uint32_t finite_abs_bits(float x) {
   const uint32_t a = abs_bits(x);
-  return a < kInfBits ? a : 0u;
+  return a & (0u - static_cast<uint32_t>(a < kInfBits));  // a mask, not a ternary: the max loop vectorises
 }
 
 // One element: decoupled weight decay, the sign update, then the momentum (fp32 throughout). A
-// non-finite gradient leaves p and m as they were (a select, not a branch: the loops stay vectorised).
+// non-finite gradient leaves p and m as they were. The choice is a bit mask, not `finite ? new : old`:
+// GCC turned that ternary on the momentum in memory into a conditional store, which stopped the CPU
+// loop vectorising (13x slower, measured); and/andnot/or vectorise on the CPU and are plain ALU ops on
+// the GPU.
 C10_HOST_DEVICE inline void lion_update(float& p, float& m, float g, const Consts& c) {
-  const bool finite = abs_bits(g) < kInfBits;
+  const uint32_t keep = 0u - static_cast<uint32_t>(abs_bits(g) >= kInfBits);  // all ones: keep p and m
   const float decayed = mul_rn(p, c.decay);
   const float u = add_rn(mul_rn(m, c.beta1), mul_rn(g, c.one_minus_beta1));
   // torch.sign (NaN gives 0, as there), without a branch: the signs are random, a branch mispredicts.
   const float s = static_cast<float>(u > 0.f) - static_cast<float>(u < 0.f);
   const float p_new = add_rn(decayed, -mul_rn(c.lr, s));
   const float m_new = add_rn(mul_rn(m, c.beta2), mul_rn(g, c.one_minus_beta2));
-  p = finite ? p_new : p;
-  m = finite ? m_new : m;
+  p = bits_float((float_bits(p_new) & ~keep) | (float_bits(p) & keep));
+  m = bits_float((float_bits(m_new) & ~keep) | (float_bits(m) & keep));
 }
 
 C10_HOST_DEVICE inline float dequantize(uint8_t q, float absmax, const float* code) {
