@@ -525,7 +525,9 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
 # Lion with 8-bit blockwise momentum (Chen et al. 2023; 8-bit state as in bitsandbytes, Dettmers et
 # al. 2022). Every fp32 operation is a separately rounded multiply or add in the kernels' order (no
 # ``alpha=``, which CPU kernels turn into a fused multiply-add), so the fused op matches this bit
-# for bit.
+# for bit. An element whose gradient is NaN or +-inf keeps its parameter and momentum for the step,
+# and a block's absmax is the max over its finite values: one bad gradient element must not poison
+# (freeze) the other 255 of its block.
 
 LION8BIT_BLOCK = 256  # elements per absmax
 LION8BIT_MIN_SIZE = 4096  # Lion8bit keeps fp32 momentum for tensors with fewer elements
@@ -561,16 +563,17 @@ def _lion8bit_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_blockwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sign-preserving blockwise 8-bit quantisation of ``x`` (any shape, read as fp32, flattened).
 
-    Each block of 256 elements is divided by its absmax and takes the nearest code of the dynamic map
-    among those of its own sign (ties go to the smaller magnitude), so a nonzero value never becomes 0
-    or changes sign; 0 (and NaN, and every entry of an all-zero block) takes the zero code.
-    Returns ``(codes uint8 [n], absmax float32 [ceil(n / 256)])``.
+    Each block of 256 elements is divided by its absmax (the max of its finite ``|x|``; 0 for an
+    all-zero block) and takes the nearest code of the dynamic map among those of its own sign (ties go
+    to the smaller magnitude), so a nonzero value never becomes 0 or changes sign; 0 (and NaN, and
+    every entry of an all-zero block) takes the zero code, +-inf the code of +-1.
+    Returns ``(codes uint8 [n], absmax float32 [ceil(n / 256)])``: the absmax is finite and >= 0.
     """
     flat = x.reshape(-1).float()
     n = flat.numel()
     nb = -(-n // LION8BIT_BLOCK)
     blocks = torch.nn.functional.pad(flat, (0, nb * LION8BIT_BLOCK - n)).view(nb, LION8BIT_BLOCK)
-    absmax = blocks.abs().amax(dim=1)
+    absmax = torch.where(blocks.isfinite(), blocks.abs(), 0.0).amax(dim=1)
     return _quantize(blocks, absmax[:, None]).reshape(-1)[:n], absmax
 
 
@@ -632,19 +635,20 @@ def lion8bit_step_(
 
     ``params[i]`` fp32, bf16 or fp16, contiguous; ``grads[i]`` of its shape and dtype. ``momentum[i]``
     is either uint8 codes [n] with ``absmax[i]`` float32 [ceil(n / 256)] (dequantised before the step,
-    requantised after, absmax from the new momentum) or float32 with ``n`` elements and an empty
-    ``absmax[i]``. With ``stochastic_rounding``, bf16 parameters round stochastically (seeded by
-    ``seed`` and the tensor's index in the list); otherwise to nearest.
+    requantised after, absmax from the new momentum's finite values) or float32 with ``n`` elements
+    and an empty ``absmax[i]``. An element whose gradient is NaN or +-inf keeps its parameter and
+    momentum (no weight decay either). With ``stochastic_rounding``, bf16 parameters round
+    stochastically (seeded by ``seed`` and the tensor's index in the list); otherwise to nearest.
     """
     decay = 1.0 - lr * weight_decay
     for i, (p, g, m, a) in enumerate(zip(params, grads, momentum, absmax, strict=True)):
         quantized = m.dtype == torch.uint8
         p32, g32 = p.reshape(-1).float(), g.reshape(-1).float()
         m32 = dequantize_blockwise(m, a) if quantized else m.reshape(-1)
-        p32 = p32 * decay
+        finite = g32.isfinite()
         c = m32 * beta1 + g32 * (1.0 - beta1)
-        p32 = p32 - lr * torch.sign(c)
-        m32 = m32 * beta2 + g32 * (1.0 - beta2)
+        p32 = torch.where(finite, p32 * decay - lr * torch.sign(c), p32)
+        m32 = torch.where(finite, m32 * beta2 + g32 * (1.0 - beta2), m32)
         if stochastic_rounding and p.dtype == torch.bfloat16:
             p.view(-1).copy_(stochastic_round_bf16(p32, seed, i))
         else:

@@ -1,8 +1,9 @@
 // CPU kernel for the fused Lion step with 8-bit blockwise momentum, over a list of tensors:
 //   p *= 1 - lr wd;  p -= lr sign(b1 m + (1 - b1) g);  m = b2 m + (1 - b2) g   (lion8bit.h)
 // The 256-element blocks of every tensor form one index space split across threads; each block is
-// dequantised, stepped and requantised in one pass (its absmax is the max over its own new
-// momentum), so the result does not depend on the thread count.
+// dequantised, stepped and requantised in one pass (its absmax is the max over its own finite new
+// momentum; an element with a non-finite gradient keeps its parameter and momentum), so the result
+// does not depend on the thread count.
 #include <ppo_fast/lion8bit.h>
 
 #include <ATen/Parallel.h>
@@ -37,11 +38,12 @@ PPO_FAST_CLONES void dequantize_block(const uint8_t* __restrict__ q, float absma
   for (int64_t i = 0; i < len; ++i) m[i] = dequantize(q[i], absmax, code);
 }
 
-// The block's new absmax (the max over its own new momentum), then its codes. Returns the absmax.
+// The block's new absmax (the max over its own finite new momentum values), then its codes. Returns
+// the absmax.
 PPO_FAST_CLONES float quantize_block(const float* __restrict__ m, int64_t len, const uint32_t* __restrict__ table,
                                      uint8_t* __restrict__ q) {
   uint32_t max_bits = 0;
-  for (int64_t i = 0; i < len; ++i) max_bits = std::max(max_bits, abs_bits(m[i]));
+  for (int64_t i = 0; i < len; ++i) max_bits = std::max(max_bits, finite_abs_bits(m[i]));
   const float absmax = bits_float(max_bits);
   const float scale = quant_scale(absmax);
   for (int64_t i = 0; i < len; ++i) q[i] = quantize(m[i], scale, table);

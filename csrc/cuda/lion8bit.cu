@@ -4,8 +4,9 @@
 // One launch for the whole list (multi-tensor apply). A small device table holds each tensor's
 // pointers, size, dtype and state kind, and where its 256-element blocks start in the list's block
 // space. A warp owns whole 256-element blocks (8 contiguous elements per lane, vector loads where
-// aligned): it dequantises, steps the parameters, takes the new absmax as a warp max and requantises,
-// all in registers. No atomics, no shared accumulators: deterministic, and bit-identical to the CPU
+// aligned): it dequantises, steps the parameters, takes the new absmax (over the finite momentum
+// values) as a warp max and requantises, all in registers; an element with a non-finite gradient
+// keeps its parameter and momentum (lion8bit.h: lion_update). No atomics, no shared accumulators: deterministic, and bit-identical to the CPU
 // kernel and the eager reference. Each warp walks a contiguous range of blocks, so it looks its
 // tensor up once (binary search) and then only steps forward.
 #include <ppo_fast/cuda_common.cuh>
@@ -86,9 +87,10 @@ __device__ __forceinline__ void warp_block(const int64_t* row, int64_t block, co
   store_items(p, t0, n, vec, pv);
   if constexpr (kQuantized) {
     // Past the end the loads filled p = g = 0 and the zero code, so mv is 0 there: no effect on the max.
+    // Non-finite momentum values do not count (lion8bit.h: finite_abs_bits).
     uint32_t max_bits = 0;
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) max_bits = max(max_bits, abs_bits(mv[i]));
+    for (int i = 0; i < kItems; ++i) max_bits = max(max_bits, finite_abs_bits(mv[i]));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) max_bits = max(max_bits, __shfl_xor_sync(kFull, max_bits, off));
     const float absmax = bits_float(max_bits);

@@ -17,24 +17,34 @@ with ``fused=False``) the eager reference in ``ppo_fast.reference`` does the sam
 Parameters may be fp32, bf16 or fp16 of any shape (flat ZeRO partitions included), and tensors of
 several dtypes may share a group. ``stochastic_rounding=True`` rounds bf16 parameters stochastically,
 so that steps smaller than half a bf16 ulp still move them on average.
+
+Non-finite gradients: an element whose gradient is NaN or +-inf leaves its parameter and its momentum
+untouched for that step (no weight decay either), and a block's absmax is the max over its finite
+momentum values only, so the other elements of the block step normally and nothing is poisoned (in
+8 bits one NaN would otherwise make its block's absmax NaN and freeze all 256 of its parameters for
+good). Both optimizers, fused and eager, follow this rule; nothing is counted and nothing synchronises
+the host. A NaN or inf parameter is stepped like any other, so it stays visible.
+
+``step()`` checks every group (hyperparameters, gradients, state) before any group steps, and
+``load_state_dict`` checks the whole state it is given (keys, shapes, dtypes, finite values) before
+anything changes: a bad one raises and leaves the optimizer as it was.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from itertools import chain
 from typing import Any
 
 import torch
 
 from ppo_fast import _ops, reference
-from ppo_fast import functional as F
 
 __all__ = ["Lion", "Lion8bit"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _M32 = 0xFFFFFFFF
+_GROUP_KEYS = ("lr", "betas", "weight_decay", "stochastic_rounding", "seed")  # what step() reads from a group
 
 
 class Lion(torch.optim.Optimizer):
@@ -49,6 +59,9 @@ class Lion(torch.optim.Optimizer):
         stochastic_rounding: round bf16 parameters stochastically (seeded from ``seed`` and the step).
         seed: seed of the stochastic rounding.
         fused: use the compiled op (None: when the extension is built; False: the eager reference).
+
+    An element whose gradient is NaN or +-inf keeps its parameter and momentum for that step (no
+    weight decay either); the rest of the tensor steps normally.
     """
 
     def __init__(
@@ -83,16 +96,16 @@ class Lion(torch.optim.Optimizer):
     def _quantized(self, p: torch.Tensor, group: dict) -> bool:
         return False
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
+    def _new_state(self, p: torch.Tensor, group: dict) -> dict:
+        """The state of a parameter's first step (not yet in ``self.state``)."""
         n = p.numel()
         if self._quantized(p, group):
-            state["momentum"] = torch.full((n,), reference.LION8BIT_ZERO_CODE, dtype=torch.uint8, device=p.device)
-            state["absmax"] = torch.zeros(-(-n // reference.LION8BIT_BLOCK), dtype=torch.float32, device=p.device)
-        else:
-            state["momentum"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        state["step"] = 0
-        return state
+            return {
+                "momentum": torch.full((n,), reference.LION8BIT_ZERO_CODE, dtype=torch.uint8, device=p.device),
+                "absmax": torch.zeros(-(-n // reference.LION8BIT_BLOCK), dtype=torch.float32, device=p.device),
+                "step": 0,
+            }
+        return {"momentum": torch.zeros(p.shape, dtype=torch.float32, device=p.device), "step": 0}
 
     def _no_absmax(self, device: torch.device) -> torch.Tensor:
         if device not in self._empty:
@@ -106,23 +119,94 @@ class Lion(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but the state keeps its own dtypes (fp32
         momentum and absmax, uint8 codes) instead of taking the parameter's; tensors move to each
-        parameter's device, so a checkpoint saved on one device loads onto another."""
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        id_map = dict(zip(saved_ids, params))
+        parameter's device, so a checkpoint saved on one device loads onto another.
+
+        Everything is checked before anything changes: the groups (sizes, hyperparameters) and, per
+        parameter, exactly the keys ``momentum`` and ``step`` (plus ``absmax`` for 8-bit state), the
+        momentum's dtype and shape (uint8 [numel] for 8-bit state, fp32 of the parameter's shape
+        otherwise), an fp32 absmax with one entry per 256 elements, finite and >= 0 (0 is an
+        all-zero block), a finite fp32 momentum and an int step >= 0. A bad state raises a
+        ValueError naming the parameter's index and the key, and the optimizer keeps its state.
+        """
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{where}: the state dict has {len(saved_groups)} parameter groups, the optimizer "
+                f"{len(self.param_groups)}"
+            )
+        id_map, group_of = {}, {}
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{where}: param_groups[{i}] has {len(saved['params'])} parameters in the state dict, "
+                    f"{len(group['params'])} in the optimizer"
+                )
+            merged = {**saved, "params": group["params"]}  # what Optimizer.load_state_dict installs
+            missing = [k for k in (*_GROUP_KEYS, *self._extra_defaults()) if k not in merged]
+            if missing:
+                raise ValueError(f"{where}: param_groups[{i}] lacks {', '.join(map(repr, missing))}")
+            self._check_group(f"{where}: param_groups[{i}]", merged)
+            for key, p in zip(saved["params"], group["params"]):
+                id_map[key], group_of[key] = p, merged
+        loaded = {}
         for key, saved in state_dict["state"].items():
             if key not in id_map:
-                continue
+                raise ValueError(f"{where}: state for parameter {key!r}, which no parameter group holds")
             p = id_map[key]
-            self.state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v for k, v in saved.items()}
+            self._check_saved_state(f"{where}: parameter {key}", p, group_of[key], saved)
+            loaded[p] = {
+                k: v.to(device=p.device, copy=True).contiguous() if torch.is_tensor(v) else v for k, v in saved.items()
+            }
+        super().load_state_dict(state_dict)
+        for p, state in loaded.items():
+            self.state[p] = state
+
+    def _check_group(self, where: str, group: dict) -> None:
+        _hyper(where, group)
+
+    def _check_saved_state(self, where: str, p: torch.Tensor, group: dict, saved: Any) -> None:
+        """Raises a ValueError (``where`` names the parameter) unless ``saved`` is a state this
+        optimizer could have written for ``p`` under ``group``."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: the state must be a dict, got {type(saved).__name__}")
+        n = p.numel()
+        quantized = self._quantized(p, group)
+        want = {"momentum", "step", "absmax"} if quantized else {"momentum", "step"}
+        for k in sorted(want - saved.keys()):
+            raise ValueError(f"{where}: {k!r} is missing ({'8-bit' if quantized else 'fp32'} state)")
+        for k in sorted(saved.keys() - want, key=str):
+            raise ValueError(f"{where}: unexpected key {k!r} ({'8-bit' if quantized else 'fp32'} state)")
+        step = saved["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}: 'step' must be an int >= 0, got {step!r}")
+        m = saved["momentum"]
+        m_dtype, m_shape = (torch.uint8, (n,)) if quantized else (torch.float32, tuple(p.shape))
+        if not torch.is_tensor(m) or m.dtype != m_dtype or tuple(m.shape) != m_shape:
+            got = f"{m.dtype} {list(m.shape)}" if torch.is_tensor(m) else type(m).__name__
+            raise ValueError(f"{where}: 'momentum' must be {m_dtype} of shape {list(m_shape)}, got {got}")
+        if not quantized and not bool(torch.isfinite(m).all()):
+            raise ValueError(f"{where}: 'momentum' has non-finite values")
+        if quantized:
+            a, nb = saved["absmax"], -(-n // reference.LION8BIT_BLOCK)
+            if not torch.is_tensor(a) or a.dtype != torch.float32 or tuple(a.shape) != (nb,):
+                got = f"{a.dtype} {list(a.shape)}" if torch.is_tensor(a) else type(a).__name__
+                raise ValueError(
+                    f"{where}: 'absmax' must be torch.float32 of shape [{nb}] (one per 256 of {n} elements), got {got}"
+                )
+            # 0 is what the quantiser writes for an all-zero block (and the initial state).
+            if not bool((torch.isfinite(a) & (a >= 0)).all()):
+                raise ValueError(f"{where}: 'absmax' must be finite and >= 0")
 
     # -- step ------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
         """One Lion step for every parameter with a gradient (``grad=None`` is skipped). Every group
-        is checked before any parameter or state changes."""
+        is checked (hyperparameters, gradients, state, devices) before any parameter or state
+        changes, so a bad group raises without leaving an earlier one stepped."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -131,7 +215,7 @@ class Lion(torch.optim.Optimizer):
         plans = []
         for group in self.param_groups:
             hyper = _hyper(name, group)
-            params = []
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -139,45 +223,40 @@ class Lion(torch.optim.Optimizer):
                     raise RuntimeError(f"{name} does not support sparse gradients")
                 if p.dtype not in _DTYPES:
                     raise TypeError(f"{name}: parameters must be float32, bfloat16 or float16, got {p.dtype}")
-                params.append(p)
-            plans.append((group, hyper, params))
-        for group, (lr, beta1, beta2, weight_decay), params in plans:
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for p in params:
+                if p.grad.numel() != p.numel():
+                    raise RuntimeError(f"{name}: a gradient has {p.grad.numel()} elements, its parameter {p.numel()}")
                 by_device.setdefault(p.device, []).append(p)
-            for device, ps in by_device.items():
-                self._step_device(group, device, ps, lr, beta1, beta2, weight_decay)
+            plans += [self._plan(group, ps, hyper) for ps in by_device.values()]
+        for plan in plans:
+            self._run(plan)
         return loss
 
-    def _step_device(self, group, device, ps, lr, beta1, beta2, weight_decay) -> None:
-        states = [self.state[p] or self._init_state(p, group) for p in ps]
+    def _plan(self, group, ps, hyper) -> tuple:
+        """One (group, device) call, prepared and checked; nothing is written yet."""
+        states = [self.state.get(p) or self._new_state(p, group) for p in ps]
         # Non-contiguous parameters (rare: a transposed view registered as a parameter) step through
         # a contiguous copy that is written back.
         work = [p if p.is_contiguous() else p.contiguous() for p in ps]
-        grads = [p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype) for p in ps]
+        grads = [p.grad.detach() if p.grad.dtype == p.dtype else p.grad.detach().to(p.dtype) for p in ps]
         grads = [g.reshape(w.shape) if g.shape != w.shape else g for g, w in zip(grads, work)]
         momentum = [s["momentum"] for s in states]
-        absmax = [s["absmax"] if "absmax" in s else self._no_absmax(device) for s in states]
+        absmax = [s["absmax"] if "absmax" in s else self._no_absmax(ps[0].device) for s in states]
+        _ops.check_lion8bit_step(work, grads, momentum, absmax, *hyper)
         step = states[0]["step"] + 1
         # A new seed per step and group: the kernels mix in each tensor's index and element index.
         seed = ((int(group["seed"]) & _M32) * 0x9E3779B1 + step * 0x85EBCA77) & _M32
-        F.lion8bit_step_(
-            work,
-            grads,
-            momentum,
-            absmax,
-            lr,
-            beta1,
-            beta2,
-            weight_decay,
-            stochastic_rounding=bool(group["stochastic_rounding"]),
-            seed=seed,
-            use_fused=self.fused,
-        )
+        return ps, states, work, grads, momentum, absmax, hyper, bool(group["stochastic_rounding"]), seed
+
+    def _run(self, plan) -> None:
+        ps, states, work, grads, momentum, absmax, (lr, beta1, beta2, weight_decay), stochastic, seed = plan
+        # Checked in _plan (functional.lion8bit_step_ would check the lists again).
+        fn = _ops.ops.lion8bit_step_ if self.fused else reference.lion8bit_step_
+        fn(work, grads, momentum, absmax, lr, beta1, beta2, weight_decay, stochastic, seed)
         for p, w, s in zip(ps, work, states):
             if w is not p:
                 p.copy_(w)
             s["step"] += 1
+            self.state[p] = s
 
 
 class Lion8bit(Lion):
@@ -187,6 +266,10 @@ class Lion8bit(Lion):
     of the signed dynamic map), ``absmax`` fp32 [ceil(numel / 256)], ``step``: 1.016 bytes per
     parameter. Smaller parameters keep fp32 ``momentum`` (as ``Lion``). Arguments as ``Lion``, plus
     ``min_8bit_size`` (per group).
+
+    An element whose gradient is NaN or +-inf keeps its parameter and momentum for that step (no
+    weight decay either), and each block's absmax is taken over its finite momentum values: the
+    other 255 elements of the block step normally.
     """
 
     def __init__(
@@ -213,6 +296,12 @@ class Lion8bit(Lion):
 
     def _quantized(self, p: torch.Tensor, group: dict) -> bool:
         return p.numel() >= group["min_8bit_size"]
+
+    def _check_group(self, where: str, group: dict) -> None:
+        super()._check_group(where, group)
+        size = group["min_8bit_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"{where}: min_8bit_size must be an int >= 0, got {size!r}")
 
 
 def _hyper(name: str, group: dict) -> tuple[float, float, float, float]:

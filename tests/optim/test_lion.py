@@ -542,6 +542,251 @@ def test_closure():
 
 
 # ------------------------------------------------------------------------------------------------
+# Non-finite gradients
+
+_NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bad", list(_NONFINITE))
+@pytest.mark.parametrize("cls", [Lion, Lion8bit])
+def test_nonfinite_gradient_element(cls, bad, dtype):
+    """One NaN / +inf / -inf gradient element in the middle of a 256-element block: its parameter
+    and momentum stay as they were, the rest of the tensor takes the fp32 Lion step written out here
+    (the momentum requantised from it for 8-bit state), the absmax stays finite, the block keeps
+    moving in later steps, and fused and eager runs agree bit for bit."""
+    lr, wd, j = 1e-2, 0.1, 5 * 256 + 77  # lr 1e-2 moves a bf16 parameter with |p| < 4 every step
+    runs = []
+    for fused in (True, False):
+        params = _params([5000, 300], [dtype, dtype])
+        problem = Problem(params)
+        opt = cls(params, lr=lr, weight_decay=wd, fused=fused)
+        _train(opt, params, problem, 2)
+        problem.grads(params)
+        params[0].grad[j] = _NONFINITE[bad]
+        p0 = params[0].detach().float().clone()
+        g0 = params[0].grad.float().clone()
+        s0 = opt.state[params[0]]
+        m0 = R.dequantize_blockwise(s0["momentum"], s0["absmax"]) if "absmax" in s0 else s0["momentum"].clone()
+        opt.step()
+        ok = torch.isfinite(g0)
+        want_p = torch.where(ok, p0 * (1.0 - lr * wd) - lr * torch.sign(m0 * 0.9 + g0 * 0.1), p0)
+        want_m = torch.where(ok, m0 * 0.99 + g0 * (1.0 - 0.99), m0)
+        s1 = opt.state[params[0]]
+        assert torch.equal(params[0].detach(), want_p.to(dtype))
+        assert params[0][j].item() == p0[j].item(), "the bad element's parameter is untouched"
+        if cls is Lion8bit:
+            codes, absmax = R.quantize_blockwise(want_m)
+            assert torch.isfinite(s1["absmax"]).all() and torch.equal(s1["absmax"], absmax)
+            assert torch.equal(s1["momentum"], codes)
+        else:
+            assert torch.equal(s1["momentum"], want_m)
+            assert s1["momentum"][j].item() == m0[j].item(), "the bad element's momentum is untouched"
+        block = slice(5 * 256, 6 * 256)
+        for _ in range(3):
+            before = params[0].detach().clone()
+            problem.grads(params)
+            opt.step()
+            assert (params[0].detach()[block] != before[block]).all(), "the block keeps stepping"
+            if cls is Lion8bit:
+                assert torch.isfinite(opt.state[params[0]]["absmax"]).all()
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb, strict=True))
+    assert _state_equal(oa, ob)
+
+
+# ------------------------------------------------------------------------------------------------
+# load_state_dict validation
+
+
+def _bad_state(case):
+    """(parameter index, corruption of that parameter's saved state, message regex). Parameter 0 has
+    8-bit state (5000 elements: 20 blocks) in Lion8bit, parameter 1 fp32 state (300 elements)."""
+    nan, inf = float("nan"), float("inf")
+
+    def drop(key):
+        return lambda s: s.pop(key)
+
+    def put(key, fn):
+        return lambda s: s.__setitem__(key, fn(s))
+
+    def poke(key, value, at=3):
+        def f(s):
+            s[key] = s[key].clone()
+            s[key][at] = value
+
+        return f
+
+    return {
+        "missing-momentum": (0, drop("momentum"), r"parameter 0: 'momentum' is missing"),
+        "missing-absmax": (0, drop("absmax"), r"parameter 0: 'absmax' is missing"),
+        "missing-step": (1, drop("step"), r"parameter 1: 'step' is missing"),
+        "extra-absmax": (1, put("absmax", lambda s: torch.zeros(2)), r"parameter 1: unexpected key 'absmax'"),
+        "shape-codes": (0, put("momentum", lambda s: s["momentum"][:-1]), r"parameter 0: 'momentum' must be .*5000"),
+        "shape-absmax": (0, put("absmax", lambda s: s["absmax"][:-1]), r"parameter 0: 'absmax' must be .*\[20\]"),
+        "shape-m32": (1, put("momentum", lambda s: s["momentum"].view(3, 100)), r"parameter 1: 'momentum' must be"),
+        "dtype-codes": (0, put("momentum", lambda s: s["momentum"].float()), r"parameter 0: 'momentum' must be "),
+        "dtype-absmax": (0, put("absmax", lambda s: s["absmax"].double()), r"parameter 0: 'absmax' must be "),
+        "dtype-m32": (1, put("momentum", lambda s: s["momentum"].bfloat16()), r"parameter 1: 'momentum' must be "),
+        "nan-absmax": (0, poke("absmax", nan), r"parameter 0: 'absmax' must be finite and >= 0"),
+        "inf-absmax": (0, poke("absmax", inf), r"parameter 0: 'absmax' must be finite and >= 0"),
+        "negative-absmax": (0, poke("absmax", -1e-3), r"parameter 0: 'absmax' must be finite and >= 0"),
+        "nan-momentum": (1, poke("momentum", nan), r"parameter 1: 'momentum' has non-finite values"),
+        "inf-momentum": (1, poke("momentum", -inf), r"parameter 1: 'momentum' has non-finite values"),
+        "negative-step": (1, put("step", lambda s: -1), r"parameter 1: 'step' must be an int >= 0"),
+    }[case]
+
+
+_BAD_STATES = [
+    "missing-momentum",
+    "missing-absmax",
+    "missing-step",
+    "extra-absmax",
+    "shape-codes",
+    "shape-absmax",
+    "shape-m32",
+    "dtype-codes",
+    "dtype-absmax",
+    "dtype-m32",
+    "nan-absmax",
+    "inf-absmax",
+    "negative-absmax",
+    "nan-momentum",
+    "inf-momentum",
+    "negative-step",
+]
+
+
+def _snapshot(opt):
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _same_state_dict(a, b) -> bool:
+    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    for k, sa in a["state"].items():
+        sb = b["state"][k]
+        if sa.keys() != sb.keys():
+            return False
+        for name, x in sa.items():
+            y = sb[name]
+            if torch.is_tensor(x):
+                if not (torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y)):
+                    return False
+            elif x != y:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("case", _BAD_STATES)
+def test_load_state_dict_rejects_bad_state(case):
+    """Each corruption of a saved state raises a ValueError naming the parameter and the key, and
+    the optimizer keeps the state (and groups) it had; the checkpoint itself, with an all-zero
+    block (absmax 0, which the quantiser writes), then loads."""
+    index, corrupt, match = _bad_state(case)
+    params = _params([5000, 300])
+    opt = Lion8bit([dict(params=[params[0]]), dict(params=[params[1]], lr=2e-3)], lr=LR)
+    problem = Problem(params)
+    _train(opt, params, problem, 2)
+    good = _snapshot(opt)
+    good["state"][0]["momentum"][256:512] = R.LION8BIT_ZERO_CODE  # block 1 all zero
+    good["state"][0]["absmax"][1] = 0.0
+    bad = _snapshot(opt)
+    corrupt(bad["state"][index])
+    _train(opt, params, problem, 1)  # the state the failed load must leave alone
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"Lion8bit\.load_state_dict: " + match):
+        opt.load_state_dict(bad)
+    assert _same_state_dict(_snapshot(opt), before)
+    opt.load_state_dict(good)
+    assert _same_state_dict(_snapshot(opt), good)
+    _train(opt, params, problem, 1)
+
+
+@pytest.mark.parametrize(
+    "index, corrupt, match",
+    [
+        (0, lambda s: s.pop("momentum"), r"parameter 0: 'momentum' is missing"),
+        (1, lambda s: s.pop("step"), r"parameter 1: 'step' is missing"),
+        (0, lambda s: s.__setitem__("absmax", torch.zeros(20)), r"parameter 0: unexpected key 'absmax'"),
+        (1, lambda s: s.__setitem__("momentum", s["momentum"][:-1]), r"parameter 1: 'momentum' must be .*\[300\]"),
+        (0, lambda s: s.__setitem__("momentum", s["momentum"].to(torch.uint8)), r"parameter 0: 'momentum' must be"),
+        (1, lambda s: s["momentum"].__setitem__(7, float("nan")), r"parameter 1: 'momentum' has non-finite values"),
+        (0, lambda s: s["momentum"].__setitem__(7, float("inf")), r"parameter 0: 'momentum' has non-finite values"),
+        (0, lambda s: s.__setitem__("step", 2.0), r"parameter 0: 'step' must be an int >= 0"),
+    ],
+    ids=["missing-momentum", "missing-step", "extra-absmax", "shape", "dtype", "nan", "inf", "float-step"],
+)
+def test_lion_load_state_dict_rejects_bad_state(index, corrupt, match):
+    """fp32 Lion: the same checks (fp32 momentum of the parameter's shape, no absmax, an int step)."""
+    params = _params([5000, 300])
+    opt = Lion(params, lr=LR)
+    problem = Problem(params)
+    _train(opt, params, problem, 2)
+    bad = _snapshot(opt)
+    corrupt(bad["state"][index])
+    _train(opt, params, problem, 1)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"Lion\.load_state_dict: " + match):
+        opt.load_state_dict(bad)
+    assert _same_state_dict(_snapshot(opt), before)
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda sd: sd["param_groups"][1].__setitem__("lr", -1.0), r"param_groups\[1\]: lr must be finite and >= 0"),
+        (lambda sd: sd["param_groups"][0].pop("betas"), r"param_groups\[0\] lacks 'betas'"),
+        (lambda sd: sd["param_groups"][1].__setitem__("min_8bit_size", -5), r"param_groups\[1\]: min_8bit_size"),
+        (lambda sd: sd["state"].__setitem__(7, {}), r"state for parameter 7, which no parameter group holds"),
+        (lambda sd: sd["state"].__setitem__(1, [1, 2]), r"parameter 1: the state must be a dict"),
+    ],
+    ids=["bad-lr", "missing-betas", "bad-min-size", "unknown-param", "not-a-dict"],
+)
+def test_load_state_dict_rejects_bad_groups(corrupt, match):
+    params = _params([5000, 300])
+    opt = Lion8bit([dict(params=[params[0]]), dict(params=[params[1]])], lr=LR)
+    _train(opt, params, Problem(params), 2)
+    bad = _snapshot(opt)
+    corrupt(bad)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"Lion8bit\.load_state_dict: " + match):
+        opt.load_state_dict(bad)
+    assert _same_state_dict(_snapshot(opt), before)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda s: s.__setitem__("momentum", s["momentum"][:-1].clone()),
+        lambda s: s.__setitem__("momentum", s["momentum"].double()),
+        lambda s: s.__setitem__("absmax", torch.zeros(3)),
+    ],
+    ids=["momentum-size", "momentum-dtype", "stray-absmax"],
+)
+@pytest.mark.parametrize("cls", [Lion, Lion8bit])
+def test_bad_second_group_leaves_first_unstepped(cls, corrupt):
+    """A two-group optimizer whose second group cannot step (its state was replaced by hand): the
+    step raises before the first group's parameters or state change."""
+    params = _params([5000, 300, 4097])
+    opt = cls([dict(params=params[:2]), dict(params=params[2:], lr=2e-3)], lr=LR)
+    problem = Problem(params)
+    _train(opt, params, problem, 2)
+    corrupt(opt.state[params[2]])
+    before_p = [p.detach().clone() for p in params]
+    before = _snapshot(opt)
+    problem.grads(params)
+    with pytest.raises(RuntimeError, match=r"lion8bit_step_: (momentum|absmax)\[0\]"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before_p, strict=True))
+    assert _same_state_dict(_snapshot(opt), before)
+
+
+# ------------------------------------------------------------------------------------------------
 # CUDA
 
 
