@@ -78,9 +78,15 @@ def compute_rewards(
     return rewards.to(dtype), non_score.to(dtype), kl.to(dtype)
 
 
+def _keep(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``mask`` is non-zero, else 0. Not ``x * mask``: padding may hold NaN or inf, and
+    0 * NaN would carry it into every masked sum (the kernels skip masked positions)."""
+    return torch.where(mask != 0, x, 0.0)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the unmasked positions (0 when there are none)."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    """Mean over the unmasked positions (0 when there are none); masked values are never read."""
+    return _keep(values, mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -88,7 +94,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     none and returns NaN for one)."""
     n = mask.sum()
     centered = values - masked_mean(values, mask)
-    var = (centered.square() * mask).sum() / (n - 1).clamp(min=1)
+    var = _keep(centered.square(), mask).sum() / (n - 1).clamp(min=1)
     return torch.where(n > 1, var, torch.ones_like(var))
 
 
@@ -120,8 +126,8 @@ def gae(
     advantage and the next value are carried through them unchanged. [B, T] in, [B, T] out."""
     dtype = values.dtype
     m = (mask != 0).to(_acc(values).dtype)
-    v = _acc(values) * m
-    r = _acc(rewards) * m
+    v = _keep(_acc(values), m)
+    r = _keep(_acc(rewards), m)
     T = v.shape[1]
     last_gae = torch.zeros_like(v[:, 0])
     next_value = torch.zeros_like(v[:, 0])
@@ -153,8 +159,8 @@ def gae_scan(
     large T, where the Python loop would unroll T times."""
     dtype = values.dtype
     m = (mask != 0).to(_acc(values).dtype)
-    v = _acc(values) * m
-    r = _acc(rewards) * m
+    v = _keep(_acc(values), m)
+    r = _keep(_acc(rewards), m)
     ones, zeros = torch.ones_like(v), torch.zeros_like(v)
     take = m if carry_masked else ones
     # next value: N_t = take_t ? v_t : N_{t+1}; the value seen from t is N_{t+1}.
@@ -194,7 +200,7 @@ def compute_advantages(
     (TRL's whitened padding is non-zero). Returns ``(advantages, returns)`` in the dtype of ``values``."""
     if whiten_rewards:
         m = mask != 0
-        rewards = masked_whiten(_acc(rewards) * m, m, shift_mean=False) * m
+        rewards = _keep(masked_whiten(_keep(_acc(rewards), m), m, shift_mean=False), m)
     adv, ret = gae(_acc(values), _acc(rewards), mask, gamma, lam, carry_masked)
     adv = masked_whiten(adv, mask)
     return adv.to(values.dtype), ret.to(values.dtype)
@@ -251,20 +257,20 @@ PPO_LOSS_STATS = (
 
 
 def _token_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (x * m).sum() / m.sum().clamp(min=1)
+    return _keep(x, m).sum() / m.sum().clamp(min=1)
 
 
 def _stat_var(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Bessel-corrected masked variance; 0 with fewer than two tokens."""
     n = m.sum()
-    var = ((x - _token_mean(x, m)).square() * m).sum() / (n - 1).clamp(min=1)
+    var = _keep((x - _token_mean(x, m)).square(), m).sum() / (n - 1).clamp(min=1)
     return torch.where(n > 1, var, torch.zeros_like(var))
 
 
 def _aggregate(x: torch.Tensor, m: torch.Tensor, aggregation: str) -> torch.Tensor:
     if aggregation == "token_mean":
         return _token_mean(x, m)
-    row_n, row_sum = m.sum(-1), (x * m).sum(-1)
+    row_n, row_sum = m.sum(-1), _keep(x, m).sum(-1)
     rows = (row_n > 0).sum().clamp(min=1)
     if aggregation == "seq_mean_token_mean":
         return (row_sum / row_n.clamp(min=1)).sum() / rows
@@ -313,13 +319,22 @@ def ppo_loss(
     skips the batch), decided without a host synchronisation.
     """
     acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    lp, v = logprobs.to(acc), vpreds.to(acc)
-    old, v_old, adv, ret = (x.to(acc) for x in (old_logprobs, old_values, advantages, returns))
     m = (mask != 0).to(acc)
+    # Masked positions are read as 0 (padding may hold NaN or inf): nothing there reaches the loss,
+    # a statistic or a gradient, as in the kernels; a NaN at an unmasked position stays visible.
+    lp, v = _keep(logprobs.to(acc), m), _keep(vpreds.to(acc), m)
+    old, v_old, adv, ret = (_keep(x.to(acc), m) for x in (old_logprobs, old_values, advantages, returns))
+    if ref_logprobs is not None:
+        ref_logprobs = _keep(ref_logprobs.to(acc), m)
 
     log_ratio = lp - old
     clamped = log_ratio if log_ratio_clamp is None else torch.clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
-    ratio = torch.exp(clamped)
+    n = m.sum()
+    ratio_mean = _token_mean(torch.exp(clamped.detach()), m)
+    skip = (n > 0) & (ratio_mean > ratio_threshold)
+    # A skipped batch has zero gradients. Cut the graph before exp, whose backward (g * exp(x))
+    # would turn the zero into NaN at an infinite ratio.
+    ratio = torch.exp(torch.where(skip, clamped.detach(), clamped))
     pg_losses = -adv * ratio
     pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg = torch.maximum(pg_losses, pg_losses2)
@@ -341,9 +356,6 @@ def ppo_loss(
     pg_loss = _aggregate(pg, m, aggregation)
     vf_loss = _aggregate(vf, m, aggregation)
     kl_loss = _aggregate(kl, m, aggregation)
-    n = m.sum()
-    ratio_mean = _token_mean(ratio, m)
-    skip = (n > 0) & (ratio_mean > ratio_threshold)
     zero = torch.zeros_like(pg_loss)
     pg_loss = torch.where(skip, zero, pg_loss)
     vf_loss = torch.where(skip, zero, vf_loss)
@@ -487,7 +499,11 @@ def logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``z = logits / temperature``: per-token ``log_softmax(z)[label]``, the entropy of
     ``softmax(z)`` and ``logsumexp(z)``, each [B, T] in fp32 (fp64 for fp64 logits). Materialises
-    [B, T, V] temporaries, as TRL does; -inf logits (a masked vocabulary) add nothing to the entropy."""
+    [B, T, V] temporaries, as TRL does; -inf logits (a masked vocabulary) add nothing to the entropy.
+
+    Non-finite logits: a row holding a NaN or a +inf, or only -inf, has no distribution; its
+    logprob, entropy and lse are NaN (log_softmax and softmax give NaN there; logsumexp's +-inf is
+    made NaN to match) and so is its whole gradient row."""
     z = _acc(logits) / temperature
     logp = torch.log_softmax(z, dim=-1)
     V = logits.shape[-1]
@@ -498,6 +514,7 @@ def logprobs(
     pd = torch.softmax(z, dim=-1)
     finite_z = torch.where(torch.isinf(z), 0.0, z)  # p = 0 there; keeps 0 * inf out of values and gradients
     entropy = lse - (pd * finite_z).sum(-1)
+    lse = torch.where(torch.isfinite(lse), lse, float("nan"))  # +inf (a +inf logit), -inf (only -inf)
     return logprob, entropy, lse
 
 
@@ -514,11 +531,15 @@ def logprob_of_labels(logits: torch.Tensor, labels: torch.Tensor, temperature: f
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token KL(policy || reference) over the whole vocabulary (TRL's ``kl_penalty="full"``:
-    ``F.kl_div(ref_logprob, logprob, log_target=True, reduction="none").sum(-1)``), [B, T] fp32."""
+    ``F.kl_div(ref_logprob, logprob, log_target=True, reduction="none").sum(-1)``), [B, T] fp32.
+    Tokens the policy excludes (-inf) add nothing; one the reference excludes and the policy allows
+    makes the KL +inf; a row of either model without a distribution (a NaN or +inf logit, or only
+    -inf) makes it NaN."""
     logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
     ref = torch.log_softmax(_acc(ref_logits) / temperature, dim=-1)
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - ref), 0.0).sum(-1)  # tokens the policy excludes add nothing
+    # p == 0, not p > 0, picks the excluded tokens: a NaN p (no distribution) must stay in the sum.
+    return torch.where(p == 0, 0.0, p * (logp - ref)).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------

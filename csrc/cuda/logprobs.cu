@@ -43,13 +43,14 @@ Rows<scalar_t> rows_of(const at::Tensor& x) {
 
 using OnlineF = Online<float>;
 
-// Folds kItems values of z into the running statistics: one rebase per vector.
+// Folds kItems values of z into the running statistics: one rebase per vector. The max keeps a NaN
+// (max_nan), so a thread whose logits are only NaN and -inf still marks its row (logprobs.h).
 __device__ __forceinline__ void fold(OnlineF& o, const float (&z)[kItems]) {
   float m = o.m;
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) m = z[i] > m ? z[i] : m;
+  for (int i = 0; i < kItems; ++i) m = max_nan(z[i], m);
   if (m == kNegInf) return;
-  if (m > o.m) o = online_rebase(o, m);
+  if (!(m <= o.m)) o = online_rebase(o, m);  // m > o.m, or m NaN
 #pragma unroll
   for (int i = 0; i < kItems; ++i) online_add(o, z[i]);
 }
@@ -98,7 +99,7 @@ struct MergeScaled {
   __device__ OnlineF operator()(OnlineF a, OnlineF b) const {
     if (a.m == kNegInf) return b;
     if (b.m == kNegInf) return a;
-    const float m = a.m > b.m ? a.m : b.m;
+    const float m = max_nan(a.m, b.m);
     const float ea = exp_(a.m - m), eb = exp_(b.m - m);
     return {m, a.s * ea + b.s * eb, a.sd * ea + b.sd * eb};
   }
@@ -182,9 +183,11 @@ __global__ void __launch_bounds__(kThreads)
   const OnlineF mz = block_merge(OnlineF{oz.m, oz.s, acc}, MergeScaled{});
   const OnlineF mr = block_merge(orr, MergeOnline{});
   if (threadIdx.x == 0) {
-    // KL = acc / s_z - lse_z + lse_r, the lse difference as (m_r - m_z) + (log s_r - log s_z).
-    const float log_sz = mz.s > 0.f ? log_(mz.s) : 0.f, log_sr = mr.s > 0.f ? log_(mr.s) : 0.f;
-    kl[row] = (mz.s > 0.f ? mz.sd / mz.s : 0.f) + (mr.m - mz.m) + (log_sr - log_sz);
+    // KL = acc / s_z - lse_z + lse_r, the lse difference as (m_r - m_z) + (log s_r - log s_z); NaN
+    // when either row has no distribution (logprobs.h).
+    kl[row] = online_valid(mz) && online_valid(mr)
+                  ? mz.sd / mz.s + (mr.m - mz.m) + (log_(mr.s) - log_(mz.s))
+                  : nan_<float>();
   }
 }
 

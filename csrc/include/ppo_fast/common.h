@@ -28,7 +28,10 @@ C10_HOST_DEVICE inline Moments<T> moments_merge(Moments<T> a, Moments<T> b) {
   }
   const T delta = b.mean - a.mean;
   const T wb = b.n / n;
-  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb};
+  // An infinite mean on either side makes delta inf - inf = NaN; the weighted mean keeps the inf
+  // (inf + finite), as a plain sum / n does (and NaN for +inf with -inf). M2 is NaN either way.
+  const T mean = delta - delta == T(0) ? a.mean + delta * wb : a.mean * (a.n / n) + b.mean * wb;
+  return {n, mean, a.m2 + b.m2 + delta * delta * a.n * wb};
 }
 
 // Mean and Bessel-corrected variance. With fewer than two samples the variance is undefined

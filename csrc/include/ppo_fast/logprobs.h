@@ -3,6 +3,13 @@
 //   z = logits / temperature;  lse = log sum_j exp(z_j);  logprob = z[label] - lse;
 //   entropy = lse - sum_j softmax(z)_j z_j;  full KL(p || q) = sum_j p_j (z_j - r_j) - lse_z + lse_r
 // Backward (from the saved lse): dz_j = g_lp (1[j = label] - p_j) - g_H p_j (z_j - lse + H), p_j = exp(z_j - lse).
+//
+// Non-finite logits follow log_softmax's own arithmetic, as the eager reference does: a row holding a
+// NaN or a +inf (inf - inf), or only -inf (log 0 - log 0), has no distribution, so its logprob,
+// entropy, lse and full KL are NaN and so is every entry of its gradient. A -inf elsewhere is a
+// token of probability 0 (a masked vocabulary): it adds nothing, and the results stay finite.
+// Such a row is detected without an extra pass: a NaN or +inf logit makes the running sum NaN
+// (exp(NaN), exp(inf - inf)) or the running max non-finite, and online_finish looks at both.
 #pragma once
 
 #include <ppo_fast/common.h>
@@ -52,6 +59,18 @@ C10_HOST_DEVICE inline bool is_neg_inf(T x) {
   return x == -std::numeric_limits<T>::infinity();
 }
 
+// max(a, b) that keeps a NaN (a plain `a > b ? a : b` drops it, and a running max must carry it:
+// a thread or a merge may see the NaN only through the other operand's max).
+template <typename T>
+C10_HOST_DEVICE inline T max_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T nan_() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
 // Re-expresses o relative to a larger max m (shifting sd by (o.m - m) per unit of mass).
 template <typename T>
 C10_HOST_DEVICE inline Online<T> online_rebase(Online<T> o, T m) {
@@ -64,7 +83,7 @@ template <typename T>
 C10_HOST_DEVICE inline Online<T> online_merge(Online<T> a, Online<T> b) {
   if (is_neg_inf(a.m)) return b;
   if (is_neg_inf(b.m)) return a;
-  const T m = a.m > b.m ? a.m : b.m;
+  const T m = max_nan(a.m, b.m);
   const Online<T> ra = online_rebase(a, m), rb = online_rebase(b, m);
   return {m, ra.s + rb.s, ra.sd + rb.sd};
 }
@@ -79,13 +98,20 @@ C10_HOST_DEVICE inline void online_add(Online<T>& o, T z) {
   o.sd += e * d;
 }
 
-// log s, lse = m + log s and entropy = log s - sd / s. A row of only -inf has lse -inf, entropy 0.
+// Whether the statistics describe a distribution: a finite max (not a row of only -inf, no NaN or
+// +inf max) and a positive, non-NaN sum (a NaN or +inf logit makes it NaN). Either way every result
+// of the row is NaN (see the top of this file).
+template <typename T>
+C10_HOST_DEVICE inline bool online_valid(Online<T> o) {
+  return o.m - o.m == T(0) && o.s > T(0);  // m - m is NaN for +-inf and NaN
+}
+
+// log s, lse = m + log s and entropy = log s - sd / s; all three NaN for a row without a
+// distribution, so that logprob = (z - m) - log s is NaN there too.
 template <typename T>
 C10_HOST_DEVICE inline void online_finish(Online<T> o, T& log_s, T& lse, T& entropy) {
-  if (is_neg_inf(o.m) || !(o.s > T(0))) {
-    log_s = std::numeric_limits<T>::infinity();
-    lse = -std::numeric_limits<T>::infinity();
-    entropy = T(0);
+  if (!online_valid(o)) {
+    log_s = lse = entropy = nan_<T>();
     return;
   }
   log_s = log_(o.s);
@@ -94,9 +120,11 @@ C10_HOST_DEVICE inline void online_finish(Online<T> o, T& log_s, T& lse, T& entr
 }
 
 // d(logprob, entropy)/dz_j for one vocabulary entry (g_lp, g_h already divided by the temperature).
+// A row without a distribution has a NaN lse: p, and so every entry's gradient, is NaN there (the
+// -inf entries included, as in log_softmax's backward), even where g_lp is 0.
 template <typename T>
 C10_HOST_DEVICE inline T grad_z(T z, bool is_label, T lse, T entropy, T g_lp, T g_h) {
-  const T p = is_neg_inf(z) ? T(0) : exp_(z - lse);
+  const T p = is_neg_inf(z) && lse == lse ? T(0) : exp_(z - lse);
   T d = g_lp * ((is_label ? T(1) : T(0)) - p);
   if (g_h != T(0) && p > T(0)) d -= g_h * p * ((z - lse) + entropy);
   return d;

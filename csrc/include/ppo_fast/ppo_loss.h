@@ -51,9 +51,27 @@ struct Token {
   bool vf_clipped;    // the clipped value error was larger (TRL's vf_losses2 > vf_losses1)
 };
 
+// torch.clamp / maximum / minimum keep a NaN (from x or a bound); the plain comparisons drop it,
+// and a NaN value, old value or return would then vanish from the loss instead of showing in it.
+template <typename T>
+C10_HOST_DEVICE inline bool isnan_(T x) {
+  return x != x;
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T clamp_(T x, T lo, T hi) {
-  return x < lo ? lo : (x > hi ? hi : x);
+  if (isnan_(lo) || isnan_(hi)) return lo + hi;  // NaN
+  return x < lo ? lo : (x > hi ? hi : x);          // NaN x falls through as x
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T max_(T a, T b) {
+  return (a > b || isnan_(a)) ? a : b;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T min_(T a, T b) {
+  return (a < b || isnan_(a)) ? a : b;
 }
 
 template <typename T>
@@ -93,12 +111,12 @@ C10_HOST_DEVICE inline Token<T> token_forward(T logp, T v, T old, T v_old, T adv
   const T pg1 = -adv * t.ratio;
   const T pg2 = -adv * clamp_(t.ratio, T(1) - eps, T(1) + eps);
   t.pg_clipped = pg2 > pg1;
-  T pg = pg1 > pg2 ? pg1 : pg2;
+  T pg = max_(pg1, pg2);
   t.dual_clipped = false;
   if (p.has_dual_clip && adv < T(0)) {
     const T bound = -adv * static_cast<T>(p.dual_clip);
     t.dual_clipped = bound < pg;
-    pg = pg < bound ? pg : bound;
+    pg = min_(pg, bound);
   }
   t.pg = pg;
   const T cv = static_cast<T>(p.cliprange_value);
@@ -106,21 +124,27 @@ C10_HOST_DEVICE inline Token<T> token_forward(T logp, T v, T old, T v_old, T adv
   const T e1 = (v - ret) * (v - ret);
   const T e2 = (vclip - ret) * (vclip - ret);
   t.vf_clipped = e2 > e1;
-  t.vf = T(0.5) * (e1 > e2 ? e1 : e2);
+  t.vf = T(0.5) * max_(e1, e2);
   t.kl = p.kl_coef != 0.0 ? kl_term(logp, ref, p.kl_estimator) : T(0);
   return t;
 }
 
-// Share of the gradient that max(a, b) sends to a (torch.maximum): 1, 0, or 1/2 on a tie.
+// Share of the gradient that max(a, b) sends to a, as torch.maximum's backward: 0 if a < b, 1/2 on
+// a tie, else 1 (so both sides get all of it when either is NaN). min_share: torch.minimum's.
 template <typename T>
 C10_HOST_DEVICE inline T max_share(T a, T b) {
-  return a > b ? T(1) : (a < b ? T(0) : T(0.5));
+  return a < b ? T(0) : (a == b ? T(0.5) : T(1));
 }
 
-// Pass-through of torch.clamp's gradient: 1 on [lo, hi] (closed), else 0.
 template <typename T>
-C10_HOST_DEVICE inline T clamp_pass(T x, T lo, T hi) {
-  return (x >= lo && x <= hi) ? T(1) : T(0);
+C10_HOST_DEVICE inline T min_share(T a, T b) {
+  return a > b ? T(0) : (a == b ? T(0.5) : T(1));
+}
+
+// torch.clamp's gradient: g on [lo, hi] (closed), else 0 — a select, so a NaN g outside is dropped.
+template <typename T>
+C10_HOST_DEVICE inline T clamp_pass(T g, T x, T lo, T hi) {
+  return (x >= lo && x <= hi) ? g : T(0);
 }
 
 // d(pg + kl_coef kl)/d logp and d(vf_coef vf)/d v for one token, before the aggregation weight.
@@ -128,26 +152,25 @@ template <typename T>
 C10_HOST_DEVICE inline void token_backward(T logp, T v, T old, T v_old, T adv, T ret, T ref, const Params& p,
                                            T vf_coef, T& d_logp, T& d_v) {
   const T log_ratio = logp - old;
-  T lr = log_ratio, d_lr = T(1);
+  T lr = log_ratio;
   if (p.has_log_ratio_clamp) {
     const T c = static_cast<T>(p.log_ratio_clamp);
     lr = clamp_(log_ratio, -c, c);
-    d_lr = clamp_pass(log_ratio, -c, c);
   }
   const T ratio = exp_(lr);
   const T eps = static_cast<T>(p.cliprange);
   const T lo = T(1) - eps, hi = T(1) + eps;
   const T pg1 = -adv * ratio;
   const T pg2 = -adv * clamp_(ratio, lo, hi);
-  const T s1 = max_share(pg1, pg2);
   // d pg / d ratio through both branches of the max.
-  T d_ratio = -adv * (s1 + (T(1) - s1) * clamp_pass(ratio, lo, hi));
+  T d_ratio = -adv * max_share(pg1, pg2) + clamp_pass(-adv * max_share(pg2, pg1), ratio, lo, hi);
   if (p.has_dual_clip && adv < T(0)) {
-    const T pg = pg1 > pg2 ? pg1 : pg2;
-    // min(pg, bound): pg gets the share of the min that the bound does not.
-    d_ratio *= T(1) - max_share(pg, -adv * static_cast<T>(p.dual_clip));
+    // min(pg, bound): the share of the min that goes to pg.
+    d_ratio *= min_share(max_(pg1, pg2), -adv * static_cast<T>(p.dual_clip));
   }
-  d_logp = d_ratio * ratio * d_lr;
+  d_logp = p.has_log_ratio_clamp ? clamp_pass(d_ratio * ratio, log_ratio, -static_cast<T>(p.log_ratio_clamp),
+                                              static_cast<T>(p.log_ratio_clamp))
+                                 : d_ratio * ratio;
   if (p.kl_coef != 0.0) d_logp += static_cast<T>(p.kl_coef) * kl_term_grad(logp, ref, p.kl_estimator);
 
   const T cv = static_cast<T>(p.cliprange_value);
@@ -155,9 +178,8 @@ C10_HOST_DEVICE inline void token_backward(T logp, T v, T old, T v_old, T adv, T
   const T vclip = clamp_(v, lo_v, hi_v);
   const T e1 = (v - ret) * (v - ret);
   const T e2 = (vclip - ret) * (vclip - ret);
-  const T t1 = max_share(e1, e2);
-  // 0.5 * d/dv of each squared error: (v - R), and (vclip - R) times clamp's pass-through.
-  d_v = vf_coef * (t1 * (v - ret) + (T(1) - t1) * (vclip - ret) * clamp_pass(v, lo_v, hi_v));
+  // 0.5 * d/dv of each squared error: (v - R), and (vclip - R) through clamp's pass-through.
+  d_v = vf_coef * (max_share(e1, e2) * (v - ret) + clamp_pass(max_share(e2, e1) * (vclip - ret), v, lo_v, hi_v));
 }
 
 // ---------------------------------------------------------------------------------------------
