@@ -1313,3 +1313,139 @@ def test_cuda_peak_memory(rand):
     extra, _ = _allocated(step, torch.device("cuda"))
     assert x.grad is not None
     assert extra <= 1.1 * nbytes, f"forward+backward allocated {extra} bytes at peak; logits are {nbytes}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite logits: a row holding a NaN or a +inf, or only -inf, has no distribution, so its
+# logprob, entropy, lse and full KL are NaN and so is its whole gradient row (log_softmax's own
+# arithmetic); a -inf elsewhere is a token of probability 0 and the row stays finite.
+
+NONFINITE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Each row kind: (fill of the row, the row has a distribution).
+ROW_KINDS = ("clean", "nan_label", "nan_other", "pos_inf", "neg_inf", "all_neg_inf", "nan_among_neg_inf", "mixed_inf")
+
+
+def _nonfinite_logits(rand, V, dtype, device):
+    """One row of each kind of ROW_KINDS (T = len(ROW_KINDS), B = 2 with the second batch row the
+    clean logits), labels 0 everywhere, and the [B, T] mask of rows without a distribution, decided
+    from the construction (independently of any softmax)."""
+    T = len(ROW_KINDS)
+    x = rand.randn(2, T, V, dtype=torch.float64, scale=SCALE)
+    labels = torch.zeros(2, T, dtype=torch.long)
+    bad = torch.zeros(2, T, dtype=torch.bool)
+    for t, kind in enumerate(ROW_KINDS):
+        row = x[0, t]
+        if kind == "nan_label":
+            row[0] = math.nan
+        elif kind == "nan_other":
+            row[V - 1] = math.nan
+        elif kind == "pos_inf":
+            row[V // 2] = math.inf
+        elif kind == "neg_inf":
+            row[V - 1] = -math.inf  # the label (0) keeps a finite logit when V > 1
+        elif kind == "all_neg_inf":
+            row[:] = -math.inf
+        elif kind == "nan_among_neg_inf":
+            row[:] = -math.inf  # on the GPU some threads see only NaN and -inf
+            row[V - 1] = math.nan
+        elif kind == "mixed_inf":
+            row[0], row[V - 1] = math.inf, -math.inf
+        bad[0, t] = kind not in ("clean", "neg_inf") or (kind == "neg_inf" and V == 1)
+    return x.to(device=device, dtype=dtype), labels.to(device), bad.to(device)
+
+
+def _check_nonfinite(what, out, ref, bad):
+    """NaN exactly on the rows without a distribution, and the fused == eager values elsewhere."""
+    assert torch.equal(out.isnan(), bad), (
+        f"{what}: NaN at {out.isnan().nonzero().tolist()}, expected {bad.nonzero().tolist()}"
+    )
+    assert torch.equal(ref.isnan(), bad), f"{what} (reference): NaN pattern differs"
+    torch.testing.assert_close(out.double(), ref.double().to(out.dtype).double(), equal_nan=True, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=_id)
+@pytest.mark.parametrize("V", [1, 7, 1000])
+def test_nonfinite_logits_values(device, rand, dtype, V, temperature):
+    if dtype == torch.float64 and device.type == "cuda":
+        pytest.skip("fp64 logits are a CPU (gradcheck) dtype")
+    x, labels, bad = _nonfinite_logits(rand, V, dtype, device)
+    out = ops.logprobs(x, labels, temperature)
+    ref = R.logprobs(x.double(), labels, temperature)
+    eager = R.logprobs(x, labels, temperature)
+    for name, o, r, e in zip(("logprob", "entropy", "lse"), out, ref, eager, strict=True):
+        _check_nonfinite(name, o, r, bad)
+        assert torch.equal(e.isnan(), bad), f"{name} (eager, {dtype}): NaN pattern differs"
+    # The public routes agree with the op, fused and eager alike (NaN in the same places).
+    for fused in (True, False):
+        lp, h = F.logprobs_from_logits(x, labels, temperature, return_entropy=True, use_fused=fused)
+        torch.testing.assert_close(lp, out[0], equal_nan=True, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(h, out[1], equal_nan=True, rtol=2e-2, atol=2e-2)
+        lp_only = F.logprobs_from_logits(x, labels, temperature, use_fused=fused)
+        assert torch.equal(lp_only.isnan(), bad)
+        assert torch.equal(F.entropy_from_logits(x, temperature, use_fused=fused).isnan(), bad)
+    # Rows with a distribution are unaffected by their neighbours: as computed alone.
+    good = ~bad
+    alone = ops.logprobs(x[1:], labels[1:], temperature)
+    assert torch.equal(out[0][1:], alone[0]) and torch.equal(out[1][1:], alone[1])
+    assert good[1].all()
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("flow", FLOWS)
+@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=_id)
+@pytest.mark.parametrize("V", [7, 1000])
+def test_nonfinite_logits_gradients(device, rand, dtype, V, flow, inplace):
+    """The gradient row of a row without a distribution is NaN in every entry (its -inf entries
+    too, and where the upstream gradient is 0), fused as eager; other rows match the reference."""
+    if dtype == torch.float64 and device.type == "cuda":
+        pytest.skip("fp64 logits are a CPU (gradcheck) dtype")
+    x, labels, bad = _nonfinite_logits(rand, V, dtype, device)
+    g_lp, g_h = make_grads(rand, *x.shape[:2], flow, device)
+    if g_lp is not None:
+        g_lp[0, 1] = 0.0  # a zero upstream gradient does not clean a NaN row
+    grads = {}
+    for route in ("fused", "eager", "ref64"):
+        if inplace and route == "fused":
+            leaf = x.detach().clone().requires_grad_()
+            y = leaf * 1  # a non-leaf buffer whose storage the backward may overwrite
+            lp, h = F.logprobs_from_logits(y, labels, return_entropy=True, inplace_backward=True)
+            loss = (lp * g_lp.to(lp.dtype)).sum() if g_lp is not None else 0.0
+            loss = loss + ((h * g_h.to(h.dtype)).sum() if g_h is not None else 0.0)
+            loss.backward()
+            grads[route] = leaf.grad
+        else:
+            grads[route] = forward_backward(route, x, labels, 1.0, g_lp, g_h)[2]
+    rows = bad[..., None].expand_as(x)
+    for route, g in grads.items():
+        assert torch.equal(g.isnan(), rows), (
+            f"{route}: NaN gradient pattern differs from the rows without a distribution"
+        )
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 3e-2
+    scale = grads["ref64"][~rows].abs().max().item()
+    for route in ("fused", "eager"):
+        err = (grads[route][~rows].double() - grads["ref64"][~rows]).abs().max().item()
+        assert err <= tol * scale + 1e-6, f"{route}: gradient error {err:.3g} on rows with a distribution"
+
+
+@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=_id)
+@pytest.mark.parametrize("V", [7, 1000])
+def test_nonfinite_full_kl(device, rand, dtype, V):
+    """KL is NaN where either model's row has no distribution; a token the policy allows and the
+    reference excludes makes it +inf; a token the policy excludes adds nothing."""
+    if dtype == torch.float64 and device.type == "cuda":
+        pytest.skip("fp64 logits are a CPU (gradcheck) dtype")
+    x, _, bad = _nonfinite_logits(rand, V, dtype, device)
+    clean = (x.double() + rand.randn(*x.shape, dtype=torch.float64, device=device)).to(dtype)
+    clean[0] = clean[1, 0]  # finite everywhere
+    for policy, ref_logits, expect_nan in ((x, clean, bad), (clean, x, bad)):
+        out = ops.full_kl(policy, ref_logits, 1.0)
+        ref = R.full_kl(policy.double(), ref_logits.double())
+        eager = F.full_kl(policy, ref_logits, use_fused=False)
+        assert torch.equal(out.isnan(), expect_nan), f"fused NaN at {out.isnan().nonzero().tolist()}"
+        assert torch.equal(ref.isnan(), expect_nan) and torch.equal(eager.isnan(), expect_nan)
+        torch.testing.assert_close(out.double(), ref, equal_nan=True, rtol=2e-2, atol=2e-2)
+    # The policy's -inf row ("neg_inf") excludes a token: finite KL; as the reference it makes KL +inf.
+    t = ROW_KINDS.index("neg_inf")
+    assert math.isfinite(ops.full_kl(x, clean, 1.0)[0, t].item())
+    assert ops.full_kl(clean, x, 1.0)[0, t].item() == math.inf and R.full_kl(clean.double(), x.double())[0, t] == math.inf
