@@ -327,14 +327,19 @@ def ppo_loss(
     if ref_logprobs is not None:
         ref_logprobs = _keep(ref_logprobs.to(acc), m)
 
-    log_ratio = lp - old
-    clamped = log_ratio if log_ratio_clamp is None else torch.clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    def clamp_log_ratio(x: torch.Tensor) -> torch.Tensor:
+        return x if log_ratio_clamp is None else torch.clamp(x, -log_ratio_clamp, log_ratio_clamp)
+
     n = m.sum()
-    ratio_mean = _token_mean(torch.exp(clamped.detach()), m)
+    ratio_mean = _token_mean(torch.exp(clamp_log_ratio(lp.detach() - old)), m)
     skip = (n > 0) & (ratio_mean > ratio_threshold)
-    # A skipped batch has zero gradients. Cut the graph before exp, whose backward (g * exp(x))
-    # would turn the zero into NaN at an infinite ratio.
-    ratio = torch.exp(torch.where(skip, clamped.detach(), clamped))
+    # A skipped batch has zero gradients: its inputs leave the graph here, so that no zero gradient
+    # meets an infinite derivative (0 * inf = NaN in exp's or a square's backward) further down.
+    lp, v = torch.where(skip, lp.detach(), lp), torch.where(skip, v.detach(), v)
+
+    log_ratio = lp - old
+    clamped = clamp_log_ratio(log_ratio)
+    ratio = torch.exp(clamped)
     pg_losses = -adv * ratio
     pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg = torch.maximum(pg_losses, pg_losses2)

@@ -1394,3 +1394,82 @@ def test_cuda_launch_count(rand):
         grad = torch.ones((), device="cuda")
         bwd, events = kernels(lambda args=args, rs=row_scale, g=grad: ops.ppo_loss_backward(g, rs, *args[:15]))
         assert len(bwd) == 1, ("backward", events)
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite inputs. Masked positions are ignored: NaN or +-inf there (padding may hold garbage)
+# reaches no loss, statistic or gradient, and the masked gradients are 0. At an unmasked position a
+# NaN stays visible in the loss and in everything it feeds, fused as eager.
+
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+OPTION_SETS = {
+    "plain": {},
+    "kl_k3_dual_clamp": dict(kl_coef=0.1, kl_estimator="k3", dual_clip=3.0, log_ratio_clamp=2.0),
+    "seq_mean_token_mean": dict(aggregation="seq_mean_token_mean", kl_coef=0.1),
+    "seq_mean_token_sum": dict(aggregation="seq_mean_token_sum", kl_coef=0.1, kl_estimator="k2"),
+}
+
+
+def _poison_masked(a: dict, value: float) -> dict:
+    out = dict(a)
+    masked = a["mask"] == 0
+    for k in TENSORS:
+        if k != "mask" and a[k] is not None:
+            out[k] = a[k].masked_fill(masked, value)
+    return out
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+@pytest.mark.parametrize("value", list(NONFINITE))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_masked_nonfinite_is_ignored(device, rand, dtype, value, options):
+    """NaN / +-inf at every masked position of every input: loss, statistics and gradients equal
+    those of the same batch with finite padding, on both paths, and the masked gradients are 0."""
+    a = with_args(make_inputs(rand, 4, 13, dtype, device, mask_kind="gaps"), **OPTION_SETS[options])
+    poisoned = _poison_masked(a, NONFINITE[value])
+    masked = a["mask"] == 0
+    assert masked.any() and (~masked).any()
+    for route in ("fused", "eager"):
+        clean = forward_backward(route, a)
+        dirty = forward_backward(route, poisoned)
+        for name, c, d in zip(("loss", "stats", "d_logprobs", "d_vpreds"), clean, dirty, strict=True):
+            assert torch.isfinite(d).all(), f"{route}: {name} not finite with {value} padding"
+            torch.testing.assert_close(d, c, rtol=0, atol=0, msg=f"{route}: {name} changed by {value} padding")
+        assert (dirty[2][masked] == 0).all() and (dirty[3][masked] == 0).all()
+    check_fused(poisoned, tol=FP32_TOL if dtype == torch.float32 else 1e-2)
+
+
+def _nan_patterns(out):
+    loss, stats, g_lp, g_v = out
+    return [t.isnan() for t in (loss, stats, g_lp, g_v)] + [t.isinf() for t in (loss, stats, g_lp, g_v)]
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+@pytest.mark.parametrize("value", list(NONFINITE))
+@pytest.mark.parametrize("key", [k for k in TENSORS if k != "mask"])
+def test_unmasked_nonfinite_agrees(device, rand, key, value, options):
+    """One NaN / +-inf at an unmasked position of one input: fused and eager give NaN and inf in
+    the same places (loss, every statistic, both gradients) and the same finite values elsewhere; a
+    NaN that feeds the loss makes it NaN."""
+    a = with_args(make_inputs(rand, 3, 9, torch.float32, device, mask_kind="right"), **OPTION_SETS[options])
+    b, t = 1, 0  # unmasked in every "right" mask (rows have length >= 1)
+    assert a["mask"][b, t]
+    clean = {route: forward_backward(route, a) for route in ("fused", "eager")}
+    x = a[key].clone()
+    x[b, t] = NONFINITE[value]
+    a[key] = x
+    fused, eager = forward_backward("fused", a), forward_backward("eager", a)
+    if key == "ref_logprobs" and a["kl_coef"] == 0.0:  # without a KL term the reference is not read
+        for route, out in (("fused", fused), ("eager", eager)):
+            for c, d in zip(clean[route], out, strict=True):
+                torch.testing.assert_close(d, c, rtol=0, atol=0)
+        return
+    for name, pf, pe in zip(["nan"] * 4 + ["inf"] * 4, _nan_patterns(fused), _nan_patterns(eager), strict=True):
+        assert torch.equal(pf, pe), (
+            f"{key}={value}: {name} pattern differs (fused {pf.nonzero().tolist()}, eager {pe.nonzero().tolist()})"
+        )
+    for f, e in zip(fused, eager, strict=True):
+        fin = torch.isfinite(e)
+        torch.testing.assert_close(f[fin], e[fin], rtol=1e-4, atol=1e-5)
+    if value == "nan":
+        assert fused[0].isnan(), f"a NaN in {key} vanished from the loss"
