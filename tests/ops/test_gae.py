@@ -1343,3 +1343,55 @@ def test_cuda_launch_count(rand, whiten_rewards):
         device_events = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
         kernels = [n for n in device_events if not n.startswith(("Memcpy", "Memset"))]
         assert 1 <= len(kernels) <= 3, (name, device_events)
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite padding. Masked positions are ignored: NaN or +-inf there (padding may hold garbage)
+# changes no unmasked output and no statistic (the whitening mean and variance, the scan), fused as
+# eager. Outputs at masked positions follow their own inputs: compute_rewards' per-token KL and
+# masked_whiten's output are garbage there as their input was; GAE's are built from zeros.
+
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _padding_cases(rand, B, T, device):
+    mask = rand.mask(B, T, "gaps", device=device)
+    scores = rand.randn(B, device=device)
+    lp = -rand.uniform(B, T, low=0.1, high=3.0, device=device)
+    ref = lp + rand.randn(B, T, device=device, scale=0.3)
+    values, rewards = rand.randn(B, T, device=device), rand.randn(B, T, device=device)
+    return {
+        "compute_rewards": ((scores, lp, ref, mask, 0.1, "kl"), (1, 2)),
+        "gae": ((values, rewards, mask, 1.0, 0.95, False), (0, 1)),
+        "gae_carry": ((values, rewards, mask, 0.99, 0.9, True), (0, 1)),
+        "masked_whiten": ((values, mask, True, 1e-8), (0,)),
+        "compute_advantages": ((values, rewards, mask, 1.0, 0.95, True, False), (0, 1)),
+        "rollout_advantages": ((scores, lp, ref, values, mask, 0.1, "kl", 1.0, 0.95, True, True), (1, 2, 3)),
+    }
+
+
+@pytest.mark.parametrize("value", list(NONFINITE))
+@pytest.mark.parametrize(
+    "case", ["compute_rewards", "gae", "gae_carry", "masked_whiten", "compute_advantages", "rollout_advantages"]
+)
+def test_nonfinite_padding_is_ignored(device, rand, case, value):
+    args, poisoned_idx = _padding_cases(rand, 4, 17, device)[case]
+    op = case.removesuffix("_carry")
+    mask = next(a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.bool)
+    unmasked = mask != 0
+    assert (~unmasked).any() and unmasked.any()
+    dirty = list(args)
+    for i in poisoned_idx:
+        dirty[i] = args[i].masked_fill(~unmasked, NONFINITE[value])
+    outs = {}
+    for route in ("fused", "eager"):
+        clean = _as_tuple(call(op, route, *args))
+        got = _as_tuple(call(op, route, *dirty))
+        for c, g in zip(clean, got, strict=True):
+            assert torch.isfinite(g[unmasked]).all(), f"{route}: {value} padding reached an unmasked output"
+            torch.testing.assert_close(g[unmasked], c[unmasked], rtol=0, atol=0)
+        outs[route] = got
+    for f, e in zip(outs["fused"], outs["eager"], strict=True):
+        assert torch.equal(f.isnan(), e.isnan()) and torch.equal(f.isinf(), e.isinf())
+        fin = torch.isfinite(e)
+        torch.testing.assert_close(f[fin], e[fin], rtol=1e-5, atol=1e-5)
