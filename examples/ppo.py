@@ -27,11 +27,8 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,15 +38,18 @@ from transformers import HfArgumentParser
 
 from ppo_fast import PPOConfig
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-TINY_MODEL_CONFIG = ASSETS / "tiny_model_config.json"
-TINY_VOCAB = ASSETS / "tiny_vocab.txt"
-DEFAULT_PROMPTS = ASSETS / "prompts.txt"
-DEFAULT_LEXICON = ASSETS / "sentiment_lexicon.json"
-# The tiny model's weights depend on this seed only (not on --seed), so every run and every process builds the
-# same "pretrained" model, and a run resumed elsewhere rebuilds the reference it started from.
-TINY_MODEL_SEED = 1234
-TINY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>")  # ids 0, 1, 2, as in tiny_model_config.json
+# ppo_support.py sits next to this file. Run as a script (`python examples/ppo.py`, `accelerate launch`), Python
+# has put this folder first on sys.path already; loaded by its path (importlib, as the tests do), it has not.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ppo_support import (  # noqa: E402
+    DEFAULT_PROMPTS,
+    build_reward,
+    ensure_tiny_model,
+    parse_reward_spec,
+    read_metrics,
+    write_plot,
+)
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adam8bit", "lion", "lion8bit")
 # transformers.get_scheduler's names that need nothing but warmup and total steps, plus torch's ExponentialLR.
@@ -66,7 +66,6 @@ LR_SCHEDULERS = (
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEXT_FIELDS = ("query", "prompt", "text", "review", "content")
-REWARD_TASKS = ("sentiment-analysis", "text-classification")
 
 # PPOConfig's defaults are TRL's, sized for GPT-2 and 128-sample batches at lr 1.41e-5: the randomly initialised
 # tiny model would barely move in a few minutes. Applied only when no model is given.
@@ -399,74 +398,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
-def parse_reward_spec(spec: str) -> tuple[str, str | None]:
-    """``'lexicon'`` -> (lexicon, None); ``'lexicon:<file>'`` -> (lexicon, file); ``'<task>:<model>'`` or
-    ``'<model>'`` -> (task, model), the task defaulting to text-classification."""
-    if spec == "lexicon":
-        return "lexicon", None
-    if spec.startswith("lexicon:"):
-        return "lexicon", spec[len("lexicon:") :]
-    for task in REWARD_TASKS:
-        if spec.startswith(task + ":"):
-            return task, spec[len(task) + 1 :]
-    return "text-classification", spec
-
-
-# --------------------------------------------------------------------------------------------------- the model
-def build_tiny_tokenizer() -> Any:
-    """A word-level tokenizer over ``assets/tiny_vocab.txt`` (whitespace-separated words; ids 0/1/2 are
-    pad/unk/eos), so the embedded model needs no download."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    words = [w for w in TINY_VOCAB.read_text().split() if w not in TINY_SPECIAL_TOKENS]
-    vocab = {token: i for i, token in enumerate([*TINY_SPECIAL_TOKENS, *dict.fromkeys(words)])}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", model_max_length=128
-    )
-
-
-def build_tiny_model(tokenizer: Any) -> Any:
-    """The tiny GPT-2 of ``assets/tiny_model_config.json``, initialised from ``TINY_MODEL_SEED``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = json.loads(TINY_MODEL_CONFIG.read_text())
-    spec["vocab_size"] = len(tokenizer)  # the word list is the source of truth for the vocabulary
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream belongs to --seed: leave it untouched
-        torch.manual_seed(TINY_MODEL_SEED)
-        return AutoModelForCausalLM.from_config(config)
-
-
-def ensure_tiny_model(directory: Path) -> tuple[Any, Any]:
-    """The embedded model and tokenizer: loaded from ``directory`` if an earlier run saved them there, else built
-    (deterministically, so every process gets the same weights without waiting for another) and saved by the
-    first process of the machine, written to a temporary directory and renamed, so no process reads half a save."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if (directory / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny_model-", dir=directory.parent))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, directory)
-        except OSError:  # another run got there first: its files are the same
-            shutil.rmtree(tmp, ignore_errors=True)
-    # As if loaded from there: a LoRA adapter saved later records it as its base model.
-    model.name_or_path = model.config.name_or_path = str(directory)
-    return model, tokenizer
-
-
 def load_policy(script: ScriptArguments, output_dir: Path) -> tuple[Any, Any]:
     """The policy (``AutoModelForCausalLMWithValueHead``, optionally with a LoRA adapter) and its tokenizer."""
     import torch
@@ -659,133 +590,44 @@ class PromptStream:
         return [self.texts[i] for i in idx], [self.queries[i] for i in idx]
 
 
-# --------------------------------------------------------------------------------------------------- rewards
-class LexiconReward:
-    """Sentiment from a word lexicon: ``(positive - negative words) / words`` of the response, in [-1, 1] (0 for a
-    response without words). Transparent and instant, so the curve shows PPO, not the reward model."""
-
-    def __init__(self, path: str | os.PathLike | None = None):
-        lexicon = json.loads(Path(path or DEFAULT_LEXICON).read_text())
-        self.positive = {w.lower() for w in lexicon["positive"]}
-        self.negative = {w.lower() for w in lexicon["negative"]}
-
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        out = []
-        for text in responses:
-            words = re.findall(r"[a-z']+", text.lower())
-            pos = sum(w in self.positive for w in words)
-            neg = sum(w in self.negative for w in words)
-            out.append((pos - neg) / len(words) if words else 0.0)
-        return out
-
-
-def join_text(prompt: str, response: str) -> str:
-    """``prompt + response``, with a space between when neither side has one: BPE tokenizers (GPT-2's) decode a
-    response with its leading space, word-level ones (the tiny model's) without."""
-    if prompt and response and not prompt[-1].isspace() and not response[0].isspace():
-        return prompt + " " + response
-    return prompt + response
-
-
-class PipelineReward:
-    """A sequence-classification model run as a transformers pipeline on prompt + response (TRL's IMDB recipe);
-    the reward is the raw logit (``function_to_apply="none"``) of ``label``."""
-
-    def __init__(self, task: str, model: str, label: str | None, batch_size: int, device: Any, trust_remote_code: bool):
-        from transformers import pipeline
-
-        self.pipe = pipeline(task, model=model, device=device, trust_remote_code=trust_remote_code)
-        labels = list(self.pipe.model.config.id2label.values())
-        if label is None:
-            label = "POSITIVE" if "POSITIVE" in labels else labels[-1]
-        if label not in labels:
-            raise SystemExit(f"ppo.py: error: argument --reward_label: {label!r} is not one of the model's {labels}")
-        self.label = label
-        self.batch_size = batch_size
-
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        texts = [join_text(p, r) for p, r in zip(prompts, responses)]
-        outputs = self.pipe(texts, top_k=None, function_to_apply="none", batch_size=self.batch_size, truncation=True)
-        return [float(next(o["score"] for o in out if o["label"] == self.label)) for out in outputs]
-
-
-def build_reward(
-    config: PPOConfig, script: ScriptArguments, accelerator: Any
-) -> Callable[[list[str], list[str]], list[float]]:
-    import ppo_fast
-
-    kind, arg = parse_reward_spec(config.reward_model)
-    if kind == "lexicon":
-        return LexiconReward(arg)
-    # Each process runs the whole reward model next to DeepSpeed's engine, never inside it, so it must be built
-    # unsharded. Under ZeRO-3, TRL's guide wraps this in deepspeed_plugin.zero3_init_context_manager(enable=False),
-    # but with transformers 5 that no longer stops sharding: transformers decides on deepspeed.zero.Init from the
-    # registered HfDeepSpeedConfig's stage, which accelerate keeps at 3. ppo_fast.zero3_init_disabled also lifts
-    # that registration for the duration (see ppo_fast/trainer/distributed.py); without ZeRO-3 it does nothing.
-    with ppo_fast.zero3_init_disabled(accelerator):
-        try:
-            return PipelineReward(
-                kind, arg, script.reward_label, script.reward_batch_size, accelerator.device, script.trust_remote_code
-            )
-        except OSError as e:
-            raise SystemExit(f"ppo.py: error: argument --reward_model {arg}: {e}") from e
-
-
-# --------------------------------------------------------------------------------------------------- outputs
-PLOTTED = (("env/reward_mean", "reward (mean)"), ("objective/kl", "KL to reference"), ("ppo/loss/total", "PPO loss"))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_plot(records: list[dict[str, Any]], path: Path) -> bool:
-    """Reward (with its std band), KL and loss per step as a PNG; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed (servers, CI)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn(
-            "ppo.py: matplotlib is not installed, so no plot (pip install 'ppo_fast[examples]')", stacklevel=2
-        )
-        return False
-    steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.2), constrained_layout=True)
-    for ax, (key, title) in zip(axes, PLOTTED):
-        values = [r.get(key, math.nan) for r in records]
-        ax.plot(steps, values, marker="." if len(steps) < 40 else None)
-        if key == "env/reward_mean":
-            std = [r.get("env/reward_std", 0.0) for r in records]
-            ax.fill_between(
-                steps, [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)], alpha=0.2
-            )
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN
 
 
 # --------------------------------------------------------------------------------------------------- training
+@dataclass
+class Run:
+    """One training run: what ``setup`` built, and how far into the prompt stream all processes have read."""
+
+    script: ScriptArguments
+    config: PPOConfig
+    output_dir: Path
+    trainer: Any
+    tokenizer: Any
+    reward_fn: Callable[[list[str], list[str]], list[float]]
+    prompts: PromptStream
+    samples_seen: int = 0
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     script, config = parse_args(argv)
     output_dir = Path(script.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    configure(script, config, output_dir)
+    run = setup(script, config, output_dir)
+    resume_or_start(run)
+    t_start = time.perf_counter()
+    train(run)
+    finish(run, t_start)
 
+
+def configure(script: ScriptArguments, config: PPOConfig, output_dir: Path) -> None:
+    """Before anything is built: torch's CPU threads, and the trackers' files under ``--output_dir``."""
     import torch
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from ppo_fast import PPOTrainer
 
     threads = script.torch_threads or (1 if script.model_name_or_path is None else None)
     if threads is not None:
@@ -798,6 +640,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         config.project_kwargs.setdefault("project_dir", str(output_dir))
         if config.log_with == "wandb":
             config.tracker_kwargs.setdefault("wandb", {}).setdefault("dir", str(output_dir))
+
+
+def setup(script: ScriptArguments, config: PPOConfig, output_dir: Path) -> Run:
+    """The policy, its optimizer and scheduler, the trainer, the reward and the prompts, seeded so that every
+    process and a resumed run build the same ones."""
+    from accelerate.utils import set_seed
+
+    from ppo_fast import PPOTrainer
 
     # The value head is initialised from the global RNG, whose state at this point differs between processes and
     # runs (imported packages draw from it); seeded, every process and a resumed run rebuild the same policy and
@@ -816,86 +666,112 @@ def main(argv: Sequence[str] | None = None) -> None:
         lr_scheduler=lr_scheduler,
         num_shared_layers=script.num_shared_layers,
     )
-    acc = trainer.accelerator
-    main_process = acc.is_main_process
     # Same seed on every process would sample the same tokens for different prompts; offset it by the rank.
     set_seed(config.seed, device_specific=True)
-    reward_fn = build_reward(config, script, acc)
+    reward_fn = build_reward(config, script, trainer.accelerator)
     prompts = PromptStream(load_prompts(script), tokenizer, script.max_prompt_tokens, config.seed)
+    return Run(script, config, output_dir, trainer, tokenizer, reward_fn, prompts)
 
-    world, bs = acc.num_processes, config.batch_size
-    samples_seen = 0
-    metrics_path = output_dir / "metrics.jsonl"
+
+def resume_or_start(run: Run) -> None:
+    """With ``--resume_from_checkpoint``: the trainer and the prompt position restored, and the metrics log cut
+    back to the checkpoint's step; else an empty metrics log."""
+    trainer, script = run.trainer, run.script
+    main_process = trainer.accelerator.is_main_process
     if script.resume_from_checkpoint:
         # After everything above: load_checkpoint also restores every process's RNG, which the setup consumed.
         state = trainer.load_checkpoint(script.resume_from_checkpoint) or {}
-        samples_seen = int(state.get("samples_seen", trainer.current_step * bs * world))
+        world, bs = trainer.accelerator.num_processes, run.config.batch_size
+        run.samples_seen = int(state.get("samples_seen", trainer.current_step * bs * world))
         if main_process:
             # Drop what a previous run logged after this checkpoint, so the log has each step once.
-            kept = [r for r in read_metrics(metrics_path) if r["step"] <= trainer.current_step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in read_metrics(run.metrics_path) if r["step"] <= trainer.current_step]
+            run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             print(f"resumed from {script.resume_from_checkpoint} at step {trainer.current_step}", file=sys.stderr)
     elif main_process:
-        metrics_path.write_text("")
+        run.metrics_path.write_text("")
 
-    generation_kwargs = dict(
-        do_sample=True, top_k=script.top_k, top_p=script.top_p, max_new_tokens=script.max_new_tokens
-    )
+
+def generation_kwargs(script: ScriptArguments) -> dict[str, Any]:
+    """Sampling settings of ``trainer.generate``: TRL's (plain sampling) unless the flags say otherwise."""
+    kwargs = dict(do_sample=True, top_k=script.top_k, top_p=script.top_p, max_new_tokens=script.max_new_tokens)
     if script.min_new_tokens is not None:
-        generation_kwargs["min_new_tokens"] = script.min_new_tokens
+        kwargs["min_new_tokens"] = script.min_new_tokens
+    return kwargs
 
-    def save_checkpoint(step: int) -> None:
-        state = {
-            "step": step,
-            "samples_seen": samples_seen,
-            "num_processes": world,
-            "batch_size": bs,
-            "model_name_or_path": script.model_name_or_path,
-        }
-        trainer.save_checkpoint(output_dir / f"checkpoint-{step}", user_state=state)  # atomic, with this state
 
+def train(run: Run) -> None:
+    """PPO steps up to ``--max_steps``, a checkpoint every ``--save_every`` of them and one at the end."""
+    from tqdm.auto import tqdm
+
+    trainer, script = run.trainer, run.script
+    gen_kwargs = generation_kwargs(script)
+    main_process = trainer.accelerator.is_main_process
     progress = tqdm(total=script.max_steps, initial=trainer.current_step, disable=not main_process, desc="PPO")
-    t_start = time.perf_counter()
     last_saved = trainer.current_step
     while trainer.current_step < script.max_steps:
-        t_step = time.perf_counter()
-        prompt_texts, queries = prompts.batch(samples_seen + acc.process_index * bs, bs)
-        samples_seen += bs * world
-        responses = trainer.generate(
-            queries, return_prompt=False, batch_size=script.generation_batch_size, **generation_kwargs
-        )
-        response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        rewards = [torch.tensor(r, dtype=torch.float32) for r in reward_fn(prompt_texts, response_texts)]
-        stats = trainer.step(queries, responses, rewards)
-        if config.log_with is not None:
-            trainer.log_stats(stats, {"query": prompt_texts, "response": response_texts}, rewards)
-        all_rewards = acc.gather(torch.stack(rewards).to(acc.device)).float().cpu()
+        ppo_step(run, gen_kwargs, progress)
         step = trainer.current_step
-        if main_process:
-            record: dict[str, Any] = {"step": step, "samples": int(all_rewards.numel())}
-            record["env/reward_mean"] = float(all_rewards.mean())
-            record["env/reward_std"] = float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0
-            record.update({k: _finite(v) for k, v in stats.items() if isinstance(v, float)})
-            record["time/step"] = time.perf_counter() - t_step
-            record["sample"] = {"query": prompt_texts[0], "response": response_texts[0], "reward": float(rewards[0])}
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            progress.set_postfix(reward=f"{record['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-            progress.update(1)
-            if script.log_samples_every and step % script.log_samples_every == 0:
-                progress.write(
-                    f"step {step}: {prompt_texts[0]!r} -> {response_texts[0]!r} (reward {float(rewards[0]):.2f})"
-                )
         if script.save_every and step % script.save_every == 0:
-            save_checkpoint(step)
+            save_checkpoint(run, step)
             last_saved = step
     progress.close()
     if script.save_every and last_saved != trainer.current_step:
-        save_checkpoint(trainer.current_step)
+        save_checkpoint(run, trainer.current_step)
 
+
+def ppo_step(run: Run, gen_kwargs: dict[str, Any], progress: Any) -> None:
+    """Generate for this process's slice of the next global batch, score, ``trainer.step``; the main process
+    appends the step's record to the metrics log."""
+    import torch
+
+    trainer, script = run.trainer, run.script
+    acc, bs = trainer.accelerator, run.config.batch_size
+    t_step = time.perf_counter()
+    prompt_texts, queries = run.prompts.batch(run.samples_seen + acc.process_index * bs, bs)
+    run.samples_seen += bs * acc.num_processes
+    responses = trainer.generate(queries, return_prompt=False, batch_size=script.generation_batch_size, **gen_kwargs)
+    response_texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    rewards = [torch.tensor(r, dtype=torch.float32) for r in run.reward_fn(prompt_texts, response_texts)]
+    stats = trainer.step(queries, responses, rewards)
+    if run.config.log_with is not None:
+        trainer.log_stats(stats, {"query": prompt_texts, "response": response_texts}, rewards)
+    all_rewards = acc.gather(torch.stack(rewards).to(acc.device)).float().cpu()
+    if not acc.is_main_process:
+        return
+    step = trainer.current_step
+    record: dict[str, Any] = {"step": step, "samples": int(all_rewards.numel())}
+    record["env/reward_mean"] = float(all_rewards.mean())
+    record["env/reward_std"] = float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0
+    record.update({k: _finite(v) for k, v in stats.items() if isinstance(v, float)})
+    record["time/step"] = time.perf_counter() - t_step
+    record["sample"] = {"query": prompt_texts[0], "response": response_texts[0], "reward": float(rewards[0])}
+    with run.metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    progress.set_postfix(reward=f"{record['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+    progress.update(1)
+    if script.log_samples_every and step % script.log_samples_every == 0:
+        progress.write(f"step {step}: {prompt_texts[0]!r} -> {response_texts[0]!r} (reward {float(rewards[0]):.2f})")
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """``checkpoint-<step>`` (atomic), with the script's own position in the prompt stream as its user state."""
+    state = {
+        "step": step,
+        "samples_seen": run.samples_seen,
+        "num_processes": run.trainer.accelerator.num_processes,
+        "batch_size": run.config.batch_size,
+        "model_name_or_path": run.script.model_name_or_path,
+    }
+    run.trainer.save_checkpoint(run.output_dir / f"checkpoint-{step}", user_state=state)
+
+
+def finish(run: Run, t_start: float) -> None:
+    """The final model, the plot and a summary on stderr."""
+    trainer, output_dir = run.trainer, run.output_dir
     trainer.save_pretrained(output_dir / "final_model")
-    if main_process:
-        records = read_metrics(metrics_path)
+    if trainer.accelerator.is_main_process:
+        records = read_metrics(run.metrics_path)
         plotted = write_plot(records, output_dir / "training_curves.png") if records else False
         elapsed = time.perf_counter() - t_start
         if records:
@@ -904,12 +780,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             last = sum(r["env/reward_mean"] for r in records[-k:]) / k
             print(f"reward mean: first {k} steps {first:.3f} -> last {k} steps {last:.3f}", file=sys.stderr)
         print(
-            f"{trainer.current_step} steps ({elapsed:.1f} s this run); wrote {metrics_path}"
+            f"{trainer.current_step} steps ({elapsed:.1f} s this run); wrote {run.metrics_path}"
             + (f", {output_dir / 'training_curves.png'}" if plotted else "")
             + f" and {output_dir / 'final_model'}",
             file=sys.stderr,
         )
-    acc.end_training()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def _load_example():
 
 
 ex = _load_example()
+support = sys.modules["ppo_support"]  # the helpers ppo.py imports from its own folder
 
 
 def _env() -> dict[str, str]:
@@ -97,12 +98,12 @@ def test_flags_with_a_model_keep_trl_defaults(tmp_path):
     assert config.learning_rate == 1.41e-5 and config.init_kl_coef == 0.2  # TRL 0.11's defaults, no preset
     assert script.max_steps == 16  # -1: total_ppo_epochs = ceil(steps / batch_size), as TRL counts
     assert config.mini_batch_size == 64
-    assert ex.parse_reward_spec("sentiment-analysis:lvwerra/distilbert-imdb") == (
+    assert support.parse_reward_spec("sentiment-analysis:lvwerra/distilbert-imdb") == (
         "sentiment-analysis",
         "lvwerra/distilbert-imdb",
     )
-    assert ex.parse_reward_spec("/models/rm") == ("text-classification", "/models/rm")
-    assert ex.parse_reward_spec("lexicon:/x.json") == ("lexicon", "/x.json")
+    assert support.parse_reward_spec("/models/rm") == ("text-classification", "/models/rm")
+    assert support.parse_reward_spec("lexicon:/x.json") == ("lexicon", "/x.json")
 
 
 def test_resume_latest_finds_the_newest_complete_checkpoint(tmp_path):
@@ -199,9 +200,9 @@ def test_prompts_from_local_files(tmp_path):
 
 
 def test_tiny_tokenizer_covers_prompts_and_lexicon():
-    tok = ex.build_tiny_tokenizer()
-    lexicon = json.loads(ex.DEFAULT_LEXICON.read_text())
-    words = " ".join(ex.DEFAULT_PROMPTS.read_text().split() + lexicon["positive"] + lexicon["negative"])
+    tok = support.build_tiny_tokenizer()
+    lexicon = json.loads(support.DEFAULT_LEXICON.read_text())
+    words = " ".join(support.DEFAULT_PROMPTS.read_text().split() + lexicon["positive"] + lexicon["negative"])
     ids = tok(words)["input_ids"]
     assert tok.unk_token_id not in ids  # every prompt and lexicon word has its own id
     assert tok.decode(ids) == words
@@ -210,12 +211,12 @@ def test_tiny_tokenizer_covers_prompts_and_lexicon():
 
 
 def test_lexicon_reward():
-    reward = ex.LexiconReward()
+    reward = support.LexiconReward()
     assert reward(["p"] * 4, ["great fun !", "a boring mess", "the plot , great but dull", ""]) == pytest.approx(
         [1.0, -2 / 3, 0.0, 0.0]
     )
-    assert ex.join_text("the movie was", "great") == "the movie was great"
-    assert ex.join_text("The movie was", " great") == "The movie was great"
+    assert support.join_text("the movie was", "great") == "the movie was great"
+    assert support.join_text("The movie was", " great") == "The movie was great"
 
 
 def test_optimizers_and_schedulers(tmp_path):
@@ -277,7 +278,7 @@ def test_end_to_end_writes_log_plot_checkpoints_and_model(run_a):
         for key in ("objective/kl", "objective/kl_coef", "ppo/loss/total", "ppo/loss/value", "ppo/policy/clipfrac"):
             assert isinstance(r[key], float), key
         assert r["tokens/responses_len_mean"] <= 6
-        assert ex.LexiconReward()([r["sample"]["query"]], [r["sample"]["response"]]) == [
+        assert support.LexiconReward()([r["sample"]["query"]], [r["sample"]["response"]]) == [
             pytest.approx(r["sample"]["reward"])
         ]
     assert records[0]["objective/kl"] == 0.0 and records[-1]["objective/kl"] != 0.0  # the policy moved
@@ -326,7 +327,7 @@ def test_user_model_reward_pipeline_saved_dataset_tensorboard(run_a, tmp_path):
     import datasets
     from transformers import GPT2Config, GPT2ForSequenceClassification, pipeline
 
-    tokenizer = ex.build_tiny_tokenizer()
+    tokenizer = support.build_tiny_tokenizer()
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2, pad_token_id=0,
         id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
@@ -353,7 +354,7 @@ def test_user_model_reward_pipeline_saved_dataset_tensorboard(run_a, tmp_path):
     for r in records:
         s = r["sample"]
         assert s["query"] in ("the movie was", "the plot of this movie", "this film is")
-        (scores,) = pipe([ex.join_text(s["query"], s["response"])], top_k=None, function_to_apply="none")
+        (scores,) = pipe([support.join_text(s["query"], s["response"])], top_k=None, function_to_apply="none")
         assert s["reward"] == pytest.approx(next(o["score"] for o in scores if o["label"] == "POSITIVE"), abs=1e-5)
     assert list(out.glob("trl/**/events.out.tfevents.*"))  # tensorboard under --output_dir/<tracker_project_name>
     assert not (out / "tiny_model").exists()  # the user's model was trained, not the embedded one
