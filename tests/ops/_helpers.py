@@ -38,6 +38,19 @@ def as_double(a):
     return a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
 
 
+def at_thread_counts(fn, many: int = 2):
+    """(fn() on one CPU thread, fn() on max(many, the current count) threads); the count is restored
+    after. For the tests that the bits of a CPU kernel do not depend on the number of threads."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(max(many, threads))
+        return one, fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------------
 # Routes
 

@@ -16,26 +16,10 @@ import subprocess
 import sys
 from unittest import mock
 
+import _helpers as H
 import pytest
 import torch
 from _cuda_checks import cuda_kernels, without_host_sync
-from _helpers import (
-    DTYPES,
-    LAYOUTS,
-    LOWP,
-    as_double,
-    assert_device_error,
-    assert_flash_rule,
-    assert_same_error,
-    error_line,
-    flash_bound,
-    ids,
-    max_err,
-    other_device,
-    routes,
-    trl_masked_mean,
-    trl_masked_var,
-)
 
 import ppo_fast
 from ppo_fast import functional as F
@@ -70,7 +54,7 @@ def _functional(op: str, args, use_fused: bool):
     return tuple(out) if isinstance(out, tuple) else out
 
 
-call = routes(_functional)
+call = H.routes(_functional)
 
 
 def _as_tuple(x):
@@ -79,7 +63,7 @@ def _as_tuple(x):
 
 def ref64(op: str, *args):
     """The reference on float64 copies of every floating-point tensor argument."""
-    return _as_tuple(call(op, "ref", *[as_double(a) for a in args]))
+    return _as_tuple(call(op, "ref", *[H.as_double(a) for a in args]))
 
 
 def assert_matches(out, ref, eager=None, tol: float = FP32_TOL):
@@ -91,8 +75,8 @@ def assert_matches(out, ref, eager=None, tol: float = FP32_TOL):
     for i, (o, r) in enumerate(zip(out, ref, strict=True)):
         assert o.shape == r.shape, f"output {i}: shape {tuple(o.shape)} != {tuple(r.shape)}"
         assert torch.equal(torch.isfinite(o), torch.isfinite(r)), f"output {i}: non-finite values"
-        if o.dtype in LOWP:
-            assert_flash_rule(o, _as_tuple(eager)[i], r, what=f"output {i} ")
+        if o.dtype in H.LOWP:
+            H.assert_flash_rule(o, _as_tuple(eager)[i], r, what=f"output {i} ")
         else:
             scale = max(1.0, r.abs().max().item())
             t = FP64_TOL if o.dtype == torch.float64 else tol
@@ -113,7 +97,7 @@ def check_op(op: str, *args, out_dtype: torch.dtype, tol: float = FP32_TOL):
     # there (test_gae_scan_equals_gae holds them equal).
     scan = mock.patch.object(R, "gae", R.gae_scan) if first.device.type == "cuda" else contextlib.nullcontext()
     with scan:
-        eager = _as_tuple(call(op, "ref", *args)) if out_dtype in LOWP else None
+        eager = _as_tuple(call(op, "ref", *args)) if out_dtype in H.LOWP else None
         expected = ref64(op, *args)
     assert_matches(out, expected, eager, tol=tol)
     return out
@@ -125,8 +109,8 @@ def check_op(op: str, *args, out_dtype: torch.dtype, tol: float = FP32_TOL):
 
 @pytest.mark.parametrize("kl_penalty", ["kl", "abs", "mse", "k3"])
 @pytest.mark.parametrize("mask_kind", GRID_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_compute_rewards(device, rand, shape, dtype, mask_kind, kl_penalty):
     B, T = shape
     x = rand.rollout(B, T, dtype, device, mask_kind, scores_dtype=torch.float32)
@@ -154,7 +138,7 @@ def test_compute_rewards(device, rand, shape, dtype, mask_kind, kl_penalty):
         (torch.bfloat16, torch.float64),
         (torch.float16, torch.bfloat16),
     ],
-    ids=ids,
+    ids=H.ids,
 )
 def test_compute_rewards_scores_dtype(device, rand, dtype, scores_dtype):
     """scores may come in any float dtype; rewards keep the dtype of logprobs."""
@@ -204,8 +188,8 @@ def test_compute_rewards_k3_near_zero():
 
 @pytest.mark.parametrize("carry_masked", [False, True], ids=["plain", "carry"])
 @pytest.mark.parametrize("mask_kind", GRID_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_gae(device, rand, shape, dtype, mask_kind, carry_masked):
     B, T = shape
     v, r = rand.randn(B, T, dtype=dtype, device=device), rand.randn(B, T, dtype=dtype, device=device)
@@ -269,7 +253,7 @@ def test_carry_masked_is_moot_without_gaps(device, rand, mask_kind):
 
 @pytest.mark.parametrize("carry_masked", [False, True], ids=["plain", "carry"])
 @pytest.mark.parametrize("mask_kind", ["ones", "right", "left", "gaps", "masked_row", "random"])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (3, 7), (5, 64), (2, 1031), (4, 300)], ids=ids)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (3, 7), (5, 64), (2, 1031), (4, 300)], ids=H.ids)
 def test_gae_scan_equals_gae(rand, shape, mask_kind, carry_masked):
     """The reference's loop-free log-depth scan is the reference's loop."""
     B, T = shape
@@ -307,8 +291,8 @@ def _nd_mask(rand, shape, kind):
 
 @pytest.mark.parametrize("mask_kind", ["random", "ones", "none", "single"])
 @pytest.mark.parametrize("shift_mean", [True, False], ids=["shift", "keep_mean"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", [(1,), (7,), (1031,), (3, 7), (64, 300), (2, 3, 5), (4, 33, 17)], ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", [(1,), (7,), (1031,), (3, 7), (64, 300), (2, 3, 5), (4, 33, 17)], ids=H.ids)
 def test_masked_whiten(device, rand, shape, dtype, shift_mean, mask_kind):
     x = rand.randn(*shape, dtype=dtype, device=device, scale=3.0) + 1.5
     m = _nd_mask(rand, shape, mask_kind).to(device)
@@ -358,8 +342,8 @@ def test_masked_whiten_far_from_zero(rand):
 
 @pytest.mark.parametrize("whiten_rewards,carry_masked", FLAGS, ids=FLAG_IDS)
 @pytest.mark.parametrize("mask_kind", GRID_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_compute_advantages(device, rand, shape, dtype, mask_kind, whiten_rewards, carry_masked):
     B, T = shape
     v, r = rand.randn(B, T, dtype=dtype, device=device), rand.randn(B, T, dtype=dtype, device=device, scale=0.5) + 0.3
@@ -369,8 +353,8 @@ def test_compute_advantages(device, rand, shape, dtype, mask_kind, whiten_reward
 
 @pytest.mark.parametrize("whiten_rewards,carry_masked", FLAGS, ids=FLAG_IDS)
 @pytest.mark.parametrize("mask_kind", GRID_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_rollout_advantages(device, rand, shape, dtype, mask_kind, whiten_rewards, carry_masked):
     B, T = shape
     x = rand.rollout(B, T, dtype, device, mask_kind)
@@ -382,7 +366,7 @@ def test_rollout_advantages(device, rand, shape, dtype, mask_kind, whiten_reward
 
 
 @pytest.mark.parametrize("kl_penalty", ["kl", "abs", "mse", "k3"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_rollout_advantages_kl_modes(device, rand, dtype, kl_penalty):
     x = rand.rollout(9, 70, dtype, device, "gaps")
     for whiten_rewards in (False, True):
@@ -488,7 +472,7 @@ def _with_mask(op, args, mask):
         (torch.float16, torch.float16),
         (torch.float16, torch.int32),
     ],
-    ids=ids,
+    ids=H.ids,
 )
 @pytest.mark.parametrize("op", OPS)
 def test_mask_dtypes(device, rand, op, dtype, mask_dtype):
@@ -518,10 +502,10 @@ def test_mask_nonzero_counts_as_one(device, rand, op):
 
 
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=H.ids)
 @pytest.mark.parametrize("op", OPS)
 def test_non_contiguous(device, rand, op, dtype, layout):
-    make = LAYOUTS[layout]
+    make = H.LAYOUTS[layout]
     m = rand.mask(6, 29, "gaps", device=device)
     args = _op_args(op, rand, 6, 29, dtype, device, m)
     nc = tuple(make(a) if isinstance(a, torch.Tensor) else a for a in args)
@@ -536,7 +520,7 @@ def test_non_contiguous(device, rand, op, dtype, layout):
 def test_non_contiguous_masked_whiten_3d(device, rand, layout):
     x = rand.randn(4, 6, 10, device=device)
     m = _nd_mask(rand, (4, 6, 10), "random").to(device)
-    make = LAYOUTS[layout]
+    make = H.LAYOUTS[layout]
     want = ops.masked_whiten(x, m, True, 1e-8)
     assert torch.equal(ops.masked_whiten(make(x), make(m), True, 1e-8), want)
     assert torch.equal(ops.masked_whiten(x.permute(2, 0, 1).contiguous().permute(1, 2, 0), m, True, 1e-8), want)
@@ -547,7 +531,7 @@ def test_non_contiguous_masked_whiten_3d(device, rand, layout):
 
 
 def trl_masked_whiten(values, mask, shift_mean=True):
-    mean, var = trl_masked_mean(values, mask), trl_masked_var(values, mask)
+    mean, var = H.trl_masked_mean(values, mask), H.trl_masked_var(values, mask)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened += mean
@@ -597,7 +581,7 @@ def trl_compute_rewards(scores, logprobs, ref_logprobs, masks, kl_coef, kl_penal
     return torch.stack(rewards), torch.stack(non_score_rewards), torch.stack(kls)
 
 
-@pytest.mark.parametrize("shape", [(1, 9), (3, 7), (8, 64), (3, 1031)], ids=ids)
+@pytest.mark.parametrize("shape", [(1, 9), (3, 7), (8, 64), (3, 1031)], ids=H.ids)
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9)])
 def test_trl_compute_advantages_parity(device, rand, shape, gamma, lam):
     B, T = shape
@@ -616,7 +600,7 @@ def test_trl_compute_advantages_parity(device, rand, shape, gamma, lam):
         assert_matches(fused64, (trl_adv, trl_ret))
 
 
-@pytest.mark.parametrize("shape", [(3, 7), (8, 64)], ids=ids)
+@pytest.mark.parametrize("shape", [(3, 7), (8, 64)], ids=H.ids)
 def test_trl_whiten_rewards_parity_without_padding(device, rand, shape):
     B, T = shape
     v, r = rand.randn(B, T, device=device), rand.randn(B, T, device=device, scale=2.0) + 0.5
@@ -688,8 +672,8 @@ def test_long_rows(rand, gamma, lam):
     for fused, ref, eager in zip(ops.gae(v, r, m, gamma, lam, False), (adv64, ret64), eager32, strict=True):
         assert torch.isfinite(fused).all()
         scale = ref.abs().max().item()
-        err = max_err(fused, ref)
-        assert err <= flash_bound(max_err(eager, ref), scale)
+        err = H.max_err(fused, ref)
+        assert err <= H.flash_bound(H.max_err(eager, ref), scale)
         assert err <= 1e-3 * scale
     adv, ret = ops.compute_advantages(v, r, m, gamma, lam, False, False)
     assert torch.isfinite(adv).all()
@@ -737,14 +721,7 @@ def test_cpu_thread_count_independent(rand, op):
     number of threads (B*T spans several 8192-element chunks here)."""
     m = rand.mask(96, 300, "gaps")
     args = _op_args(op, rand, 96, 300, torch.float32, "cpu", m)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _as_tuple(call(op, "ops", *args))
-        torch.set_num_threads(max(2, threads))
-        many = _as_tuple(call(op, "ops", *args))
-    finally:
-        torch.set_num_threads(threads)
+    one, many = H.at_thread_counts(lambda: _as_tuple(call(op, "ops", *args)))
     for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)
 
@@ -1072,7 +1049,7 @@ BAD = _bad_cases()
 def test_bad_inputs(device, rand, case):
     op, build, match = BAD[case]
     args = build(rand, device)
-    _, direct = assert_same_error(op, match, lambda route: call(op, route, *args))
+    _, direct = H.assert_same_error(op, match, lambda route: call(op, route, *args))
     assert re.search(match, direct), direct
 
 
@@ -1095,8 +1072,8 @@ def test_tensors_on_different_devices(device, rand, op):
         if name == first:
             continue
         moved = list(args)
-        moved[i] = other_device(args[i])
-        assert_device_error(op, name, first, lambda route, moved=moved: call(op, route, *moved))
+        moved[i] = H.other_device(args[i])
+        H.assert_device_error(op, name, first, lambda route, moved=moved: call(op, route, *moved))
 
 
 @pytest.mark.cuda
@@ -1107,7 +1084,7 @@ def test_cuda_cpu_mix_rejected_by_kernel(rand, op):
     args = list(_op_args(op, rand, 3, 7, torch.float32, "cuda", m))
     i = {"compute_rewards": 2, "gae": 1, "masked_whiten": 1, "compute_advantages": 1, "rollout_advantages": 3}[op]
     args[i] = args[i].cpu()
-    msg = error_line(call, op, "ops", *args)
+    msg = H.error_line(call, op, "ops", *args)
     assert msg.startswith(f"{op}: ") and "is on cpu but" in msg and "cuda" in msg, msg
 
 
@@ -1198,7 +1175,7 @@ def scan_reference(monkeypatch):
         ((1024, 1031), torch.bfloat16),
         ((17, 16384), torch.float16),
     ],
-    ids=ids,
+    ids=H.ids,
 )
 @pytest.mark.parametrize("whiten_rewards,carry_masked", [(False, False), (True, True)], ids=["w0c0", "w1c1"])
 def test_cuda_large(rand, scan_reference, shape, dtype, whiten_rewards, carry_masked):
@@ -1206,7 +1183,7 @@ def test_cuda_large(rand, scan_reference, shape, dtype, whiten_rewards, carry_ma
     x = rand.rollout(B, T, dtype, "cuda", "gaps" if carry_masked else "right")
     args = (*x.values(), 0.1, "kl", 1.0, 0.95, whiten_rewards, carry_masked)
     out = _as_tuple(ops.rollout_advantages(*args))
-    eager = _as_tuple(R.rollout_advantages(*args)) if dtype in LOWP else None
+    eager = _as_tuple(R.rollout_advantages(*args)) if dtype in H.LOWP else None
     # T up to 16384 at gamma * lam = 0.95: relative fp32 errors stay ~1e-6 (see test_long_rows)
     assert_matches(out, ref64("rollout_advantages", *args), eager, tol=2e-5)
     if dtype == torch.float32:  # low precision: the rollout scans the unrounded rewards

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 
+import _helpers as H
 import pytest
 import torch
-from _helpers import DTYPES, assert_device_error, assert_same_error, ids, other_device
 
 from ppo_fast import functional as F
 from ppo_fast import reference as R
@@ -171,7 +171,7 @@ def test_dequantize_roundtrip_error(rand):
 # The fused op against the reference, bit for bit
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("quantized", [True, False], ids=["8bit", "fp32state"])
 def test_against_reference(device, rand, dtype, size, quantized):
@@ -280,7 +280,7 @@ NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 
 @pytest.mark.parametrize("quantized", [True, False], ids=["8bit", "fp32state"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 @pytest.mark.parametrize("bad", list(NONFINITE))
 def test_nonfinite_gradient_element(device, rand, bad, dtype, quantized):
     """A NaN / +inf / -inf gradient element in the middle of a block: its parameter and momentum stay
@@ -405,14 +405,7 @@ def test_non_contiguous_grads_and_unaligned_views(device, rand):
 
 def test_thread_count_independent(rand):
     case = make_case(rand, [(278011, torch.float32, True), (70000, torch.bfloat16, True), (999, torch.half, False)])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run("ops", case)
-        torch.set_num_threads(max(2, threads))
-        many = run("ops", case)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = H.at_thread_counts(lambda: run("ops", case))
     assert_identical(one, many)
 
 
@@ -578,7 +571,7 @@ def test_bad_inputs(device, rand, case_name):
     before = clone(bad)
     # the dispatcher itself refuses a sparse tensor (no SparseCPU kernel), before the op's checks
     mirrored = case_name != "grad-sparse"
-    fused, _ = assert_same_error("lion8bit_step_", match, lambda route: _call(route, bad, scalars), mirrored)
+    fused, _ = H.assert_same_error("lion8bit_step_", match, lambda route: _call(route, bad, scalars), mirrored)
     assert re.match(match, fused), fused
     assert_identical(bad, before)  # nothing was written
 
@@ -588,8 +581,8 @@ def test_tensors_on_different_devices(device, rand, kind):
     """One tensor on another device (meta on a CPU-only machine, where the op routes to its fake
     kernel; cuda vs cpu where a GPU is present): the op, the tensor and both devices are named."""
     case = _base(rand, device)
-    bad = _with(kind, 1, lambda t, d: other_device(t))(case, device)
-    assert_device_error("lion8bit_step_", f"{kind}[1]", "params[0]", lambda route: _call(route, bad, {}))
+    bad = _with(kind, 1, lambda t, d: H.other_device(t))(case, device)
+    H.assert_device_error("lion8bit_step_", f"{kind}[1]", "params[0]", lambda route: _call(route, bad, {}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -603,7 +596,7 @@ def test_cuda_matches_cpu_kernel(rand):
     specs = []
     for i in range(300):
         n = [1, 255, 4095, 4097, 20000, 100003][i % 6]
-        specs.append((n, DTYPES[i % 3], n >= 4096 and i % 4 != 0))
+        specs.append((n, H.DTYPES[i % 3], n >= 4096 and i % 4 != 0))
     case = make_case(rand, specs)
     flat = rand.randn(1 << 20)
     case[0].append(flat[3 : 3 + 300001])  # unaligned: the scalar path

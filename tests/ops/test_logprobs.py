@@ -22,27 +22,17 @@ from __future__ import annotations
 
 import math
 
+import _helpers as H
 import pytest
 import torch
 from _cuda_checks import cuda_kernels, without_host_sync
-from _helpers import (
-    DTYPES,
-    FLOOR,
-    assert_device_error,
-    assert_same_error,
-    error_line,
-    flash_bound,
-    ids,
-    other_device,
-    routes,
-)
 
 from ppo_fast import functional as F
 from ppo_fast import reference as R
 
 ops = torch.ops.ppo_fast
 
-TOL = FLOOR  # relative floor of the rule above (1e-5)
+TOL = H.FLOOR  # relative floor of the rule above (1e-5)
 SCALE = 3.0  # std of the logits
 # (B, T, V): T in {1, 7, 1031}, B in {1, 3}, vocabularies 1, 7, 1000, GPT-2's 50257 and Qwen2's
 # 152064 (few rows for the big ones so the CPU suite stays fast).
@@ -122,10 +112,10 @@ def check_rule(what, out, ref, eager, elementwise=True, extra=None):
     r = ref.double()
     finite = torch.isfinite(r)
     if elementwise:
-        bound = flash_bound(ee, r.abs().clamp(min=1.0))
+        bound = H.flash_bound(ee, r.abs().clamp(min=1.0))
     else:
         fe, ee = fe.max(), ee.max()
-        bound = flash_bound(ee, r[finite].abs().max().clamp(min=1e-30))
+        bound = H.flash_bound(ee, r[finite].abs().max().clamp(min=1e-30))
     if extra is not None:
         bound = bound + extra
     if elementwise:
@@ -182,8 +172,8 @@ def check_gradients(logits, labels, temperature, g_lp, g_h, extra=None):
 # Against the reference: values and gradients
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_values(device, rand, shape, dtype):
     B, T, V = shape
     x = make_logits(rand, B, T, V, dtype, device)
@@ -198,8 +188,8 @@ def test_values(device, rand, shape, dtype):
 GRAD_CASES = [(shape, flow) for shape in SHAPES for flow in FLOWS if shape[2] <= 1000 or flow == "both"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape,flow", GRAD_CASES, ids=[f"{ids(s)}-{f}" for s, f in GRAD_CASES])
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape,flow", GRAD_CASES, ids=[f"{H.ids(s)}-{f}" for s, f in GRAD_CASES])
 def test_gradients(device, rand, shape, dtype, flow):
     """Gradient w.r.t. the logits from logprob only, entropy only and both."""
     B, T, V = shape
@@ -212,7 +202,7 @@ def test_gradients(device, rand, shape, dtype, flow):
 
 
 @pytest.mark.parametrize("temperature", [0.5, 0.7, 1.3, 4.0])
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_temperature(device, rand, dtype, temperature):
     B, T, V = 3, 11, 257
     x = make_logits(rand, B, T, V, dtype, device)
@@ -261,7 +251,7 @@ def _extreme(kind, rand, B, T, V, dtype, device):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 @pytest.mark.parametrize("kind", ["shift+1e4", "shift-1e4", "spread1e4", "halves"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_extreme_logits_finite(device, rand, dtype, kind, temperature):
     """Logits of +-1e4 (z up to 2e4 with temperature 0.5): no overflow, no NaN, bounds hold, the
     gradients are finite, and the log-probs are right up to the fp32 rounding of lse itself."""
@@ -296,7 +286,7 @@ SHIFTED = [
 ]
 
 
-@pytest.mark.parametrize("dtype,V,shift", SHIFTED, ids=[f"{ids(d)}-{v}-{s:g}" for d, v, s in SHIFTED])
+@pytest.mark.parametrize("dtype,V,shift", SHIFTED, ids=[f"{H.ids(d)}-{v}-{s:g}" for d, v, s in SHIFTED])
 def test_shifted_rows_accuracy(device, rand, dtype, V, shift):
     """Logits far from 0 (GPT-2's sit around -80; +-1e4 as the extreme), N(shift, 3^2). Entropy is
     lse - E[z], two numbers near ``shift``: it must lose no more to cancellation than twice the eager
@@ -330,7 +320,7 @@ def _masked(rand, B, T, V, dtype, device, frac=0.5):
 
 
 @pytest.mark.parametrize("V", [7, 1000])
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_masked_vocabulary(device, rand, dtype, V):
     B, T = 3, 7
     x, y, masked = _masked(rand, B, T, V, dtype, device)
@@ -344,7 +334,7 @@ def test_masked_vocabulary(device, rand, dtype, V):
             assert (grad[masked] == 0).all(), f"{flow}: nonzero gradient at -inf logits"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_label_at_masked_entry(device, rand, dtype):
     """A label at a -inf logit has probability 0: logprob -inf on every route; entropy unaffected."""
     B, T, V = 3, 7, 50
@@ -384,7 +374,7 @@ def _allocated(fn, device):
     return total, out
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_sliced_logits(device, rand, dtype):
     """logits[:, :-1] (the usual shift for next-token labels) and other views with a contiguous
     vocabulary: bit-identical to the contiguous copy, values, gradients and full_kl alike."""
@@ -442,7 +432,7 @@ def test_sliced_logits_not_copied(device, rand):
     assert copied >= nbytes
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_vocab_not_contiguous(device, rand, dtype):
     """A vocabulary that is not the last-contiguous dimension (a transposed view, an expanded one):
     correct results, equal to the contiguous copy's."""
@@ -498,7 +488,7 @@ def _head_step(hidden, w, labels, flow, inplace, sliced=True, g=None):
 
 
 @pytest.mark.parametrize("flow", FLOWS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_inplace_backward(device, rand, dtype, flow):
     """inplace_backward=True: the same gradients, bit for bit, sliced logits or not; the logits
     buffer holds the gradient afterwards."""
@@ -591,8 +581,8 @@ def check_full_kl(x, r, temperature=1.0):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 7), (3, 1031, 7), (2, 9, 1000), (2, 3, 50257)], ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 7), (3, 1031, 7), (2, 9, 1000), (2, 3, 50257)], ids=H.ids)
 def test_full_kl(device, rand, shape, dtype, temperature):
     B, T, V = shape
     x = make_logits(rand, B, T, V, dtype, device)
@@ -608,7 +598,7 @@ def test_full_kl(device, rand, shape, dtype, temperature):
 def test_full_kl_equal_logits(device, rand):
     """KL of a distribution with itself is exactly 0 (equal tensors, copies, masked entries, every
     dtype), and >= 0 (within rounding) for nearly equal ones."""
-    for dtype in DTYPES:
+    for dtype in H.DTYPES:
         x = make_logits(rand, 3, 7, 1000, dtype, device)
         assert (ops.full_kl(x, x, 1.0) == 0).all()
         assert (ops.full_kl(x, x.clone(), 0.7) == 0).all()
@@ -673,7 +663,7 @@ def trl_entropy_from_logits(logits):
     return torch.logsumexp(logits, axis=-1) - torch.sum(pd * logits, axis=-1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_trl_parity(device, rand, dtype):
     """logprobs_from_logits and entropy_from_logits against TRL's formulas (in fp64 on the same
     logits; TRL divides the logits by the temperature beforehand)."""
@@ -696,7 +686,7 @@ def test_trl_parity(device, rand, dtype):
 def test_return_types(device, rand):
     B, T, V = 2, 5, 33
     y = make_labels(rand, B, T, V, device)
-    for dtype in DTYPES:
+    for dtype in H.DTYPES:
         x = make_logits(rand, B, T, V, dtype, device)
         for use_fused in (True, False):
             kw = dict(use_fused=use_fused)
@@ -764,14 +754,7 @@ def test_cpu_thread_count_independent(rand):
     r = make_logits(rand, B, T, V)
     y = make_labels(rand, B, T, V)
     g_lp, g_h = make_grads(rand, B, T, "both")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _everything(x, y, r, g_lp, g_h)
-        torch.set_num_threads(max(2, threads))
-        many = _everything(x, y, r, g_lp, g_h)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = H.at_thread_counts(lambda: _everything(x, y, r, g_lp, g_h))
     for p, q in zip(one, many, strict=True):
         assert torch.equal(p, q)
 
@@ -909,7 +892,7 @@ def _functional(op, args, use_fused):
     return F.full_kl(*args, use_fused=use_fused)
 
 
-call = routes(_functional)
+call = H.routes(_functional)
 
 
 def _bad_cases():
@@ -1032,7 +1015,7 @@ BAD = _bad_cases()
 def test_bad_inputs(device, rand, case):
     build, match = BAD[case]
     op, args = build(rand, device)
-    assert_same_error(op, match, lambda route: call(op, route, *args))
+    H.assert_same_error(op, match, lambda route: call(op, route, *args))
 
 
 def test_entropy_from_logits_bad_inputs(device, rand):
@@ -1112,13 +1095,13 @@ def test_tensors_on_different_devices(device, rand):
     y = make_labels(rand, 3, 7, 11, device)
     r = make_logits(rand, 3, 7, 11, torch.float32, device)
     cases = [
-        ("logprobs", (x, other_device(y), 1.0), "labels", "logits"),
-        ("logprobs", (other_device(x), y, 1.0), "labels", "logits"),
-        ("full_kl", (x, other_device(r), 1.0), "ref_logits", "logits"),
-        ("full_kl", (other_device(x), r, 1.0), "ref_logits", "logits"),
+        ("logprobs", (x, H.other_device(y), 1.0), "labels", "logits"),
+        ("logprobs", (H.other_device(x), y, 1.0), "labels", "logits"),
+        ("full_kl", (x, H.other_device(r), 1.0), "ref_logits", "logits"),
+        ("full_kl", (H.other_device(x), r, 1.0), "ref_logits", "logits"),
     ]
     for op, args, name, ref_name in cases:
-        msgs = assert_device_error(op, name, ref_name, lambda route, op=op, args=args: call(op, route, *args))
+        msgs = H.assert_device_error(op, name, ref_name, lambda route, op=op, args=args: call(op, route, *args))
         assert msgs[0] == msgs[1] == msgs[2]
 
 
@@ -1186,7 +1169,7 @@ def test_cuda_large(rand):
 def test_cuda_float64_rejected(rand):
     x = make_logits(rand, 2, 3, 5, torch.float64, "cuda")
     y = make_labels(rand, 2, 3, 5, "cuda")
-    fused, eager = (error_line(call, "logprobs", route, x, y, 1.0) for route in ("fused", "eager"))
+    fused, eager = (H.error_line(call, "logprobs", route, x, y, 1.0) for route in ("fused", "eager"))
     assert fused == eager
     assert fused.startswith("logprobs: CUDA tensors must be float32, bfloat16 or float16"), fused
     with pytest.raises(RuntimeError, match="logprobs"):
@@ -1306,7 +1289,7 @@ def _check_nonfinite(what, out, ref, bad):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=H.ids)
 @pytest.mark.parametrize("V", [1, 7, 1000])
 def test_nonfinite_logits_values(device, rand, dtype, V, temperature):
     if dtype == torch.float64 and device.type == "cuda":
@@ -1335,7 +1318,7 @@ def test_nonfinite_logits_values(device, rand, dtype, V, temperature):
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("flow", FLOWS)
-@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=H.ids)
 @pytest.mark.parametrize("V", [7, 1000])
 def test_nonfinite_logits_gradients(device, rand, dtype, V, flow, inplace):
     """The gradient row of a row without a distribution is NaN in every entry (its -inf entries
@@ -1370,7 +1353,7 @@ def test_nonfinite_logits_gradients(device, rand, dtype, V, flow, inplace):
         assert err <= tol * scale + 1e-6, f"{route}: gradient error {err:.3g} on rows with a distribution"
 
 
-@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=H.ids)
 @pytest.mark.parametrize("V", [7, 1000])
 def test_nonfinite_full_kl(device, rand, dtype, V):
     """KL is NaN where either model's row has no distribution; a token the policy allows and the

@@ -16,24 +16,11 @@ from __future__ import annotations
 import math
 import re
 
+import _helpers as H
 import numpy as np
 import pytest
 import torch
 from _cuda_checks import cuda_kernels, without_host_sync
-from _helpers import (
-    DTYPES,
-    LAYOUTS,
-    LOWP,
-    assert_device_error,
-    assert_flash_rule,
-    assert_same_error,
-    error_line,
-    flash_bound,
-    ids,
-    max_err,
-    other_device,
-    routes,
-)
 
 from ppo_fast import functional as F
 from ppo_fast import reference as R
@@ -80,7 +67,7 @@ def _functional(op: str, args, use_fused: bool):
     return F.moments_update_normalize_(state, x, mask, scale=scale, center=center, clip=clip, eps=eps, **kw)
 
 
-call = routes(_functional)
+call = H.routes(_functional)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,8 +124,8 @@ def assert_moments(got: torch.Tensor, want: np.ndarray, scale: float, rtol: floa
 def assert_normalized(out, truth, eager=None, tol=FP32_TOL):
     """fp32/fp64: tight against the fp64 truth; bf16/fp16: the FlashAttention rule against ``eager``."""
     assert out.shape == truth.shape
-    if out.dtype in LOWP:
-        assert_flash_rule(out, eager, truth)
+    if out.dtype in H.LOWP:
+        H.assert_flash_rule(out, eager, truth)
     else:
         scale = max(1.0, truth.abs().max().item())
         torch.testing.assert_close(out.detach().cpu().double(), truth, rtol=tol, atol=tol * scale)
@@ -171,8 +158,8 @@ def make_state(rand, device, n: int = 100, offset: float = 0.5, scale: float = 2
 
 
 @pytest.mark.parametrize("mask_kind", MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_moments(device, rand, shape, dtype, mask_kind):
     x = rand.randn(*shape, dtype=dtype, device=device, scale=3.0) + 1.5
     mask = make_mask(rand, shape, mask_kind, dtype, device)
@@ -225,9 +212,9 @@ def test_moments_non_finite_counted_apart(device, rand, mask_kind):
 
 
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=H.ids)
 def test_moments_non_contiguous(device, rand, dtype, layout):
-    make = LAYOUTS[layout]
+    make = H.LAYOUTS[layout]
     x = rand.randn(6, 29, 3, dtype=dtype, device=device)
     m = make_mask(rand, x.shape, "bool", dtype, device)
     for mask in (None, m, m.to(dtype)):
@@ -241,7 +228,7 @@ def test_moments_non_contiguous(device, rand, dtype, layout):
     assert ops.moments(e, None).tolist()[0] == 120.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=H.ids)
 def test_mask_values_and_dtypes(device, rand, dtype):
     """A mask counts where it is non-zero, whatever its dtype or value."""
     x = rand.randn(5, 37, dtype=dtype, device=device)
@@ -340,8 +327,8 @@ def test_merge_rejects_non_finite_batches(device, rand, bad_at):
 
 @pytest.mark.parametrize("flags", FLAGS, ids=FLAG_IDS)
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "int64"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", [(1,), (512,), (3, 1031), (2, 3, 5)], ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", [(1,), (512,), (3, 1031), (2, 3, 5)], ids=H.ids)
 def test_normalize(device, rand, shape, dtype, mask_kind, flags):
     scale, center, clip = flags
     x = rand.randn(*shape, dtype=dtype, device=device, scale=2.5) + 0.5
@@ -466,7 +453,7 @@ def test_std_exactly_eps_is_1(device, rand):
             assert_normalized(out, x.double().cpu() / divisor)
 
 
-@pytest.mark.parametrize("dtype", LOWP, ids=ids)
+@pytest.mark.parametrize("dtype", H.LOWP, ids=H.ids)
 def test_equal_scores_low_precision(device, dtype):
     """Equal bf16/fp16 scores: std 1, so x / (1 + eps) rounds back to x (x / eps would overflow fp16)."""
     x = _equal_scores(device, dtype)
@@ -503,9 +490,9 @@ def test_normalize_non_finite_entries(device, rand):
 
 
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=H.ids)
 def test_normalize_non_contiguous(device, rand, dtype, layout):
-    make = LAYOUTS[layout]
+    make = H.LAYOUTS[layout]
     x = rand.randn(6, 29, dtype=dtype, device=device)
     m = make_mask(rand, x.shape, "bool", dtype, device)
     state = make_state(rand, device)
@@ -526,8 +513,8 @@ def test_normalize_far_from_zero(rand):
     truth = normalize64(x, None, state, True, True, None)
     out = ops.moments_normalize(x, None, state, True, True, None, EPS)
     eager = R.moments_normalize(x, None, state, True, True, None, EPS)
-    fused_err, eager_err = max_err(out, truth), max_err(eager, truth)
-    assert fused_err <= flash_bound(eager_err, 1.0)
+    fused_err, eager_err = H.max_err(out, truth), H.max_err(eager, truth)
+    assert fused_err <= H.flash_bound(eager_err, 1.0)
     assert fused_err < 0.05  # the fp32 rounding of a mean near 1e6 (ulp 0.0625) over std ~3
 
 
@@ -549,8 +536,8 @@ def test_float64_cpu(rand):
 
 @pytest.mark.parametrize("flags", [(True, False, None), (True, True, 0.5), (False, True, 1.0)], ids=["s", "sc", "c"])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "same", "int64"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", [(1,), (512,), (3, 1031), (40, 700)], ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", [(1,), (512,), (3, 1031), (40, 700)], ids=H.ids)
 def test_update_normalize_is_moments_merge_normalize(device, rand, shape, dtype, mask_kind, flags):
     scale, center, clip = flags
     x = rand.randn(*shape, dtype=dtype, device=device, scale=2.0) - 0.3
@@ -698,14 +685,7 @@ def test_cpu_thread_count_independent(rand, op):
     """Batch moments are taken per fixed 8192-element chunk and merged in index order: the bits do not
     depend on the number of threads."""
     fn = _det_cases(rand, "cpu")[op]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = fn()
-        torch.set_num_threads(max(4, threads))
-        many = fn()
-    finally:
-        torch.set_num_threads(threads)
+    one, many = H.at_thread_counts(fn, many=4)
     for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)
 
@@ -903,7 +883,7 @@ def test_bad_inputs(device, case):
     op, build, match = BAD[case]
     args = build(device)
     snapshot = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    _, direct = assert_same_error(op, match, lambda route: call(op, route, *args))
+    _, direct = H.assert_same_error(op, match, lambda route: call(op, route, *args))
     assert re.search(match, direct), direct
     for a, b in zip(args, snapshot, strict=True):  # nothing was written before the check
         if isinstance(a, torch.Tensor) and a.numel():
@@ -918,15 +898,15 @@ def test_tensors_on_different_devices(device, rand):
     s = make_state(rand, device)
     _, b = _batches_of(rand, device, [2, 3])
     cases = [
-        ("moments", (x, other_device(m)), "mask", "x"),
-        ("moments_merge_", (s, other_device(b)), "batches", "state"),
-        ("moments_normalize", (x, other_device(m), s, True, True, None, EPS), "mask", "x"),
-        ("moments_normalize", (x, m, other_device(s), True, True, None, EPS), "state", "x"),
-        ("moments_update_normalize_", (other_device(s), x, m, True, True, None, EPS), "state", "x"),
-        ("moments_update_normalize_", (s, x, other_device(m), True, True, None, EPS), "mask", "x"),
+        ("moments", (x, H.other_device(m)), "mask", "x"),
+        ("moments_merge_", (s, H.other_device(b)), "batches", "state"),
+        ("moments_normalize", (x, H.other_device(m), s, True, True, None, EPS), "mask", "x"),
+        ("moments_normalize", (x, m, H.other_device(s), True, True, None, EPS), "state", "x"),
+        ("moments_update_normalize_", (H.other_device(s), x, m, True, True, None, EPS), "state", "x"),
+        ("moments_update_normalize_", (s, x, H.other_device(m), True, True, None, EPS), "mask", "x"),
     ]
     for op, args, name, ref in cases:
-        assert_device_error(op, name, ref, lambda route, op=op, args=args: call(op, route, *args))
+        H.assert_device_error(op, name, ref, lambda route, op=op, args=args: call(op, route, *args))
 
 
 def test_fake_kernels_give_shapes_and_dtypes(rand):
@@ -1011,7 +991,7 @@ def test_cuda_cpu_mix_rejected_by_kernel(rand):
         ("moments_update_normalize_", (make_state(rand, "cpu"), x, None, True, True, None, EPS)),
         ("moments_merge_", (make_state(rand, "cuda"), torch.zeros(1, 4, dtype=torch.float64))),
     ]:
-        msg = error_line(call, op, "ops", *args)
+        msg = H.error_line(call, op, "ops", *args)
         assert msg.startswith(f"{op}: ") and "is on cpu but" in msg and "cuda" in msg, msg
 
 

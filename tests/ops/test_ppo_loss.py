@@ -13,23 +13,10 @@ from __future__ import annotations
 
 import math
 
+import _helpers as H
 import pytest
 import torch
 from _cuda_checks import cuda_kernels, without_host_sync
-from _helpers import (
-    DTYPES,
-    LAYOUTS,
-    LOWP,
-    as_double,
-    assert_device_error,
-    assert_same_error,
-    error_line,
-    flash_bound,
-    ids,
-    other_device,
-    trl_masked_mean,
-    trl_masked_var,
-)
 
 from ppo_fast import functional as F
 from ppo_fast import reference as R
@@ -146,7 +133,7 @@ def forward_backward(route: str, a: dict, grad_scale: float | None = None, fresh
     (loss, stats, d_logprobs, d_vpreds), detached."""
     a = dict(a)
     if route == "ref64":
-        a = {k: as_double(v) for k, v in a.items()}
+        a = {k: H.as_double(v) for k, v in a.items()}
         route = "ref"
     lp, v = a["logprobs"], a["vpreds"]
     if fresh:
@@ -171,7 +158,7 @@ def near_kinks(a: dict, rel: float = 1e-5) -> torch.Tensor:
     jumps): the log-ratio clamp, the ratio clip boundaries, the dual-clip bound, the value clip
     boundaries and, with the value outside its range, equal squared errors. Exact ties (frequent with
     bf16/fp16 inputs, whose differences are exact in float32) are seen alike by every precision."""
-    x = {k: as_double(a[k]) for k in TENSORS if a[k] is not None}
+    x = {k: H.as_double(a[k]) for k in TENSORS if a[k] is not None}
 
     def close(p, q, scale):
         d = (p - q).abs()
@@ -212,7 +199,7 @@ def assert_matches(out, ref, eager=None, tol: float = FP32_TOL, what: str = "", 
 
         out, ref, eager = drop(out), drop(ref), drop(eager) if eager is not None else None
     loss, stats, d_lp, d_v = out
-    lowp = d_lp.dtype in LOWP
+    lowp = d_lp.dtype in H.LOWP
     assert len(stats) == len(STATS)
     for name, o, r, e in zip(
         ("loss", "stats", "d_logprobs", "d_vpreds"), out, ref, eager if lowp else (None,) * 4, strict=True
@@ -225,7 +212,7 @@ def assert_matches(out, ref, eager=None, tol: float = FP32_TOL, what: str = "", 
             fused_err, eager_err = _err(o, r), _err(e, r)
             if not elementwise:
                 fused_err, eager_err = fused_err.max(), eager_err.max()
-            bad = fused_err > flash_bound(eager_err, scale)
+            bad = fused_err > H.flash_bound(eager_err, scale)
             if bad.any():
                 labels = STATS if name == "stats" else [name]
                 which = [labels[i] for i in bad.flatten().nonzero().flatten().tolist()] if elementwise else [name]
@@ -257,7 +244,7 @@ def check_fused(a: dict, tol: float = FP32_TOL):
     assert stats.dtype == acc and stats.shape == (len(STATS),) and stats.device == device
     assert d_lp.dtype == dtype and d_v.dtype == dtype and d_lp.device == device and d_v.device == device
     ref = forward_backward("ref64", a)
-    eager = forward_backward("eager", a) if dtype in LOWP else None
+    eager = forward_backward("eager", a) if dtype in H.LOWP else None
     near = near_kinks(a) if dtype != torch.float64 else None
     assert_matches(fused, ref, eager, tol=tol, near=near)
     return fused, ref
@@ -273,8 +260,8 @@ def stat(stats: torch.Tensor, name: str) -> float:
 
 @pytest.mark.parametrize("aggregation", AGGS)
 @pytest.mark.parametrize("mask_kind", GRID_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_against_reference(device, rand, shape, dtype, mask_kind, aggregation):
     B, T = shape
     x = make_inputs(rand, B, T, dtype, device, mask_kind)
@@ -290,7 +277,7 @@ def test_against_reference(device, rand, shape, dtype, mask_kind, aggregation):
 @pytest.mark.parametrize("dual_clip", [None, 3.0], ids=["dual0", "dual"])
 @pytest.mark.parametrize("kl", [None, "k1", "k2", "k3"], ids=["kl0", "k1", "k2", "k3"])
 @pytest.mark.parametrize("aggregation", AGGS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_options(device, rand, dtype, aggregation, kl, dual_clip, log_ratio_clamp):
     """Every aggregation x KL estimator (kl_coef 0 and > 0) x dual clip x log-ratio clamp. Log-ratios
     ~ N(0, 0.8) so ratios beyond the dual clip constant (and beyond the clamp) occur."""
@@ -334,7 +321,7 @@ def test_options(device, rand, dtype, aggregation, kl, dual_clip, log_ratio_clam
     "cliprange,cliprange_value,vf_coef",
     [(0.2, 0.2, 0.1), (0.0, 0.0, 1.0), (0.1, 0.5, 0.5), (0.3, 10.0, 0.0), (0.05, 0.05, 2.0), (1.5, 0.2, 0.1)],
 )
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_clipranges(device, rand, dtype, cliprange, cliprange_value, vf_coef):
     x = make_inputs(rand, 5, 41, dtype, device, "gaps", lr_scale=0.5)
     a = with_args(x, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef, kl_coef=0.1)
@@ -434,27 +421,27 @@ def trl_loss(old_logprobs, values, vpreds, logprobs, mask, advantages, returns, 
     vpredclipped = trl_clip_by_value(vpreds, values - cliprange_value, values + cliprange_value)
     vf_losses1 = (vpreds - returns) ** 2
     vf_losses2 = (vpredclipped - returns) ** 2
-    vf_loss = 0.5 * trl_masked_mean(torch.max(vf_losses1, vf_losses2), mask)
-    vf_clipfrac = trl_masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
+    vf_loss = 0.5 * H.trl_masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    vf_clipfrac = H.trl_masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)
 
     ratio = torch.exp(logprobs - old_logprobs)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = trl_masked_mean(torch.max(pg_losses, pg_losses2), mask)
-    pg_clipfrac = trl_masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
+    pg_loss = H.trl_masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    pg_clipfrac = H.trl_masked_mean(torch.gt(pg_losses2, pg_losses).float(), mask)
 
     loss = pg_loss + vf_coef * vf_loss
 
-    avg_ratio = trl_masked_mean(ratio, mask).item()
+    avg_ratio = H.trl_masked_mean(ratio, mask).item()
     if avg_ratio > ratio_threshold:
         pg_loss = pg_loss * 0.0
         vf_loss = vf_loss * 0.0
         loss = loss * 0.0
 
-    approxkl = 0.5 * trl_masked_mean((logprobs - old_logprobs) ** 2, mask)
-    policykl = trl_masked_mean(old_logprobs - logprobs, mask)
-    return_mean, return_var = trl_masked_mean(returns, mask), trl_masked_var(returns, mask)
-    value_mean, value_var = trl_masked_mean(values, mask), trl_masked_var(values, mask)
+    approxkl = 0.5 * H.trl_masked_mean((logprobs - old_logprobs) ** 2, mask)
+    policykl = H.trl_masked_mean(old_logprobs - logprobs, mask)
+    return_mean, return_var = H.trl_masked_mean(returns, mask), H.trl_masked_var(returns, mask)
+    value_mean, value_var = H.trl_masked_mean(values, mask), H.trl_masked_var(values, mask)
     stats = {
         "loss/policy": pg_loss.detach(),
         "loss/value": vf_loss.detach(),
@@ -462,17 +449,17 @@ def trl_loss(old_logprobs, values, vpreds, logprobs, mask, advantages, returns, 
         "policy/approxkl": approxkl.detach(),
         "policy/policykl": policykl.detach(),
         "policy/clipfrac": pg_clipfrac.detach(),
-        "policy/advantages_mean": trl_masked_mean(advantages, mask).detach(),
+        "policy/advantages_mean": H.trl_masked_mean(advantages, mask).detach(),
         "returns/mean": return_mean.detach(),
         "returns/var": return_var.detach(),
-        "val/vpred": trl_masked_mean(vpreds, mask).detach(),
-        "val/error": trl_masked_mean((vpreds - returns) ** 2, mask).detach(),
+        "val/vpred": H.trl_masked_mean(vpreds, mask).detach(),
+        "val/error": H.trl_masked_mean((vpreds - returns) ** 2, mask).detach(),
         "val/clipfrac": vf_clipfrac.detach(),
         "val/mean": value_mean.detach(),
         "val/var": value_var.detach(),
         # the ratio tensor TRL logs, reduced the way ours is
-        "policy/ratio_mean": trl_masked_mean(ratio, mask).detach(),
-        "policy/ratio_var": trl_masked_var(ratio, mask).detach(),
+        "policy/ratio_mean": H.trl_masked_mean(ratio, mask).detach(),
+        "policy/ratio_var": H.trl_masked_var(ratio, mask).detach(),
     }
     return loss, stats
 
@@ -503,7 +490,7 @@ def _trl_run(x, cliprange, cliprange_value, vf_coef, ratio_threshold):
 
 
 @pytest.mark.parametrize("mask_kind", ["ones", "right", "gaps"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=H.ids)
 @pytest.mark.parametrize(
     "cliprange,cliprange_value,vf_coef", [(0.2, 0.2, 0.1), (0.1, 0.05, 1.0), (0.3, 0.3, 0.5)], ids=["trl", "b", "c"]
 )
@@ -554,7 +541,7 @@ def _above_threshold(x):
 
 
 @pytest.mark.parametrize("aggregation", AGGS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_ratio_threshold_skips(device, rand, dtype, aggregation):
     x = _above_threshold(make_inputs(rand, 5, 29, dtype, device, "gaps"))
     a = with_args(x, ratio_threshold=1.0001, kl_coef=0.1, kl_estimator="k3", aggregation=aggregation)
@@ -793,7 +780,7 @@ def test_all_masked_rows_count_for_nothing(device, rand, aggregation):
         assert (g[[0, 3]] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_single_token(device, rand, dtype):
     x = make_inputs(rand, 1, 1, dtype, device, "ones")
     for aggregation in AGGS:
@@ -816,7 +803,7 @@ def test_single_token(device, rand, dtype):
         (torch.float16, torch.float16),
         (torch.float16, torch.float32),
     ],
-    ids=ids,
+    ids=H.ids,
 )
 def test_mask_dtypes(device, rand, dtype, mask_dtype):
     """Any mask dtype gives exactly the result of the equivalent bool mask, on every route."""
@@ -839,9 +826,9 @@ def test_mask_nonzero_counts_as_one(device, rand):
 
 
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=H.ids)
 def test_non_contiguous(device, rand, dtype, layout):
-    make = LAYOUTS[layout]
+    make = H.LAYOUTS[layout]
     x = make_inputs(rand, 6, 29, dtype, device, "gaps")
     a = with_args(x, kl_coef=0.1, kl_estimator="k3", dual_clip=3.0, aggregation="seq_mean_token_mean")
     nc = dict(a, **{k: make(x[k]) for k in TENSORS})
@@ -871,16 +858,9 @@ def test_deterministic(device, rand, aggregation):
 def test_cpu_thread_count_independent(rand):
     """Per-row partials merged in row order: the bits do not depend on the number of threads."""
     x = make_inputs(rand, 96, 300, torch.float32, "cpu", "gaps")
-    threads = torch.get_num_threads()
     for aggregation in AGGS:
         a = with_args(x, aggregation=aggregation, kl_coef=0.1, kl_estimator="k2")
-        try:
-            torch.set_num_threads(1)
-            one = forward_backward("fused", a)
-            torch.set_num_threads(max(2, threads))
-            many = forward_backward("fused", a)
-        finally:
-            torch.set_num_threads(threads)
+        one, many = H.at_thread_counts(lambda a=a: forward_backward("fused", a))
         for p, q in zip(one, many, strict=True):
             assert torch.equal(p, q)
 
@@ -1177,7 +1157,7 @@ BAD = _bad_cases()
 def test_bad_inputs(device, rand, case):
     build, match = BAD[case]
     a = build(rand, device)
-    assert_same_error("ppo_loss", match, lambda route: call(route, a))
+    H.assert_same_error("ppo_loss", match, lambda route: call(route, a))
 
 
 def test_tensors_on_different_devices(device, rand):
@@ -1185,8 +1165,8 @@ def test_tensors_on_different_devices(device, rand):
     kernel; cuda vs cpu where a GPU is present): the op, the tensor and both devices are named."""
     x = make_inputs(rand, 3, 7, torch.float32, device, "right")
     for name in TENSORS[1:]:
-        a = with_args(dict(x, **{name: other_device(x[name])}), kl_coef=0.1)
-        assert_device_error("ppo_loss", name, "logprobs", lambda route, a=a: call(route, a))
+        a = with_args(dict(x, **{name: H.other_device(x[name])}), kl_coef=0.1)
+        H.assert_device_error("ppo_loss", name, "logprobs", lambda route, a=a: call(route, a))
 
 
 def test_bad_call_changes_nothing(rand):
@@ -1218,7 +1198,7 @@ def test_bad_call_changes_nothing(rand):
 def test_cuda_float64_rejected(rand):
     x = make_inputs(rand, 3, 7, torch.float64, "cuda", "right")
     a = with_args(x)
-    fused, eager = error_line(call, "fused", a), error_line(call, "eager", a)
+    fused, eager = H.error_line(call, "fused", a), H.error_line(call, "eager", a)
     assert fused == eager
     assert fused.startswith("ppo_loss: CUDA tensors must be float32, bfloat16 or float16"), fused
     with pytest.raises(RuntimeError, match="ppo_loss"):
@@ -1233,7 +1213,7 @@ def test_cuda_float64_rejected(rand):
 @pytest.mark.parametrize(
     "shape,dtype",
     [((256, 2048), torch.float32), ((256, 2048), torch.bfloat16), ((4096, 512), torch.float32)],
-    ids=ids,
+    ids=H.ids,
 )
 @pytest.mark.parametrize(
     "options",
@@ -1246,13 +1226,13 @@ def test_cuda_large(rand, shape, dtype, options):
     a = with_args(x, **options)
     fused = forward_backward("fused", a)
     ref = forward_backward("ref64", a)
-    eager = forward_backward("eager", a) if dtype in LOWP else None
+    eager = forward_backward("eager", a) if dtype in H.LOWP else None
     assert_matches(fused, ref, eager, near=near_kinks(a))
     assert stat(fused[1], "ppo/tokens") == x["mask"].sum().item()
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=H.ids)
 def test_cuda_deterministic(rand, dtype):
     x = make_inputs(rand, 256, 2048, dtype, "cuda", "gaps")
     for aggregation in AGGS:
@@ -1331,7 +1311,7 @@ def _poison_masked(a: dict, value: float) -> dict:
 
 @pytest.mark.parametrize("options", list(OPTION_SETS))
 @pytest.mark.parametrize("value", list(NONFINITE))
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_masked_nonfinite_is_ignored(device, rand, dtype, value, options):
     """NaN / +-inf at every masked position of every input: loss, statistics and gradients equal
     those of the same batch with finite padding, on both paths, and the masked gradients are 0."""
