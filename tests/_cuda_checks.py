@@ -1,8 +1,9 @@
 """CUDA checks shared by the op tests (tests/ops) and the module tests (tests/trainer): what a call
 launches on the device, and that it never waits for the host.
 
-Imported by name (``from _cuda_checks import ...``): pytest puts tests/ on ``sys.path`` (the rootdir
-conftest, no ``__init__.py``), whether it runs ``pytest tests`` or a single file.
+Imported by name (``from _cuda_checks import ...``): pytest (importmode prepend, no ``__init__.py``)
+puts tests/ on ``sys.path`` for tests/conftest.py, whether it runs ``pytest tests`` or a single file.
+The name differs from tests/ops/_helpers.py's, as every such module is imported at top level.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Helpers shared by the op tests (tests/ops/test_<op>.py): test ids, the routes to an op, the
-FlashAttention error rule, non-contiguous views, another device, the one-message-from-every-route
-checks of bad inputs, and TRL 0.11's masked statistics.
+"""Helpers shared by the op tests (tests/ops/test_<op>.py): test ids, the routes to an op, CPU
+thread counts, the FlashAttention error rule, non-contiguous views, another device, the checks that
+a bad input gets one message from every route, and TRL 0.11's masked statistics.
 
-Imported by name (``from _helpers import ...``): pytest puts tests/ops on ``sys.path`` (rootdir
-conftest, no ``__init__.py``), whether it runs ``pytest tests`` or a single file. The
+The test files ``import _helpers as H``: pytest (importmode prepend, no ``__init__.py``) puts
+tests/ops on ``sys.path``, whether it runs ``pytest tests`` or a single file. The
 ``dynamo_reset`` fixture is in tests/ops/conftest.py; the CUDA launch-count and host-sync checks,
 which tests/trainer shares, are in tests/_cuda_checks.py.
 """
