@@ -16,8 +16,10 @@ import subprocess
 import sys
 from unittest import mock
 
+import _helpers as H
 import pytest
 import torch
+from _cuda_checks import cuda_kernels, without_host_sync
 
 import ppo_fast
 from ppo_fast import functional as F
@@ -26,8 +28,6 @@ from ppo_fast import reference as R
 ops = torch.ops.ppo_fast
 
 OPS = ("compute_rewards", "gae", "masked_whiten", "compute_advantages", "rollout_advantages")
-LOWP = (torch.bfloat16, torch.float16)
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # T in {1, 7, 1031} x B in {1, 3}, plus a larger batch whose sizes are not a multiple of any block.
 SHAPES = [(1, 1), (3, 1), (1, 7), (3, 7), (1, 1031), (3, 1031), (64, 300)]
 GRID_MASKS = ("right", "left", "gaps", "masked_row")
@@ -39,50 +39,31 @@ FP32_TOL = 1e-5  # rtol, and atol relative to max(1, max|ref|)
 FP64_TOL = 1e-10
 
 
-def _id(x):
-    if isinstance(x, torch.dtype):
-        return str(x).removeprefix("torch.")
-    if isinstance(x, tuple) and all(isinstance(i, int) for i in x):
-        return "x".join(map(str, x))
-    return None
-
-
 # ------------------------------------------------------------------------------------------------
 # Calling the three routes and checking against the reference.
 
 
-def call(op: str, route: str, *args):
-    """Call ``op`` with its schema's positional arguments through ``route``: 'ops' (torch.ops.ppo_fast),
-    'fused' (ppo_fast.functional, use_fused=True), 'eager' (functional, use_fused=False) or 'ref'
-    (ppo_fast.reference, whose positional signatures are the schemas')."""
-    if route == "ops":
-        return getattr(ops, op)(*args)
-    if route == "ref":
-        return getattr(R, op)(*args)
-    fn, kw = getattr(F, op), {"use_fused": route == "fused"}
+def _functional(op: str, args, use_fused: bool):
+    """ppo_fast.functional's ``op``, its trailing flags passed as keywords."""
+    kw = {"use_fused": use_fused}
     if op == "gae":
         *args, kw["carry_masked"] = args
     elif op in ("compute_advantages", "rollout_advantages"):
         *args, kw["whiten_rewards"], kw["carry_masked"] = args
-    out = fn(*args, **kw)
+    out = getattr(F, op)(*args, **kw)
     return tuple(out) if isinstance(out, tuple) else out
+
+
+call = H.routes(_functional)
 
 
 def _as_tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _double(a):
-    return a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-
-
 def ref64(op: str, *args):
     """The reference on float64 copies of every floating-point tensor argument."""
-    return _as_tuple(call(op, "ref", *[_double(a) for a in args]))
-
-
-def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return (x.double() - ref).abs().max().item()
+    return _as_tuple(call(op, "ref", *[H.as_double(a) for a in args]))
 
 
 def assert_matches(out, ref, eager=None, tol: float = FP32_TOL):
@@ -94,16 +75,10 @@ def assert_matches(out, ref, eager=None, tol: float = FP32_TOL):
     for i, (o, r) in enumerate(zip(out, ref, strict=True)):
         assert o.shape == r.shape, f"output {i}: shape {tuple(o.shape)} != {tuple(r.shape)}"
         assert torch.equal(torch.isfinite(o), torch.isfinite(r)), f"output {i}: non-finite values"
-        scale = max(1.0, r.abs().max().item())
-        if o.dtype in LOWP:
-            e = _as_tuple(eager)[i]
-            assert e.dtype == o.dtype
-            fused_err, eager_err = max_err(o, r), max_err(e, r)
-            floor = 1e-5 * scale
-            assert fused_err <= 2 * eager_err + floor, (
-                f"output {i} ({o.dtype}): fused error {fused_err:.3g} > 2 x eager error {eager_err:.3g} + {floor:.1g}"
-            )
+        if o.dtype in H.LOWP:
+            H.assert_flash_rule(o, _as_tuple(eager)[i], r, what=f"output {i} ")
         else:
+            scale = max(1.0, r.abs().max().item())
             t = FP64_TOL if o.dtype == torch.float64 else tol
             torch.testing.assert_close(o.double(), r, rtol=t, atol=t * scale, msg=lambda m, i=i: f"output {i}: {m}")
 
@@ -122,7 +97,7 @@ def check_op(op: str, *args, out_dtype: torch.dtype, tol: float = FP32_TOL):
     # there (test_gae_scan_equals_gae holds them equal).
     scan = mock.patch.object(R, "gae", R.gae_scan) if first.device.type == "cuda" else contextlib.nullcontext()
     with scan:
-        eager = _as_tuple(call(op, "ref", *args)) if out_dtype in LOWP else None
+        eager = _as_tuple(call(op, "ref", *args)) if out_dtype in H.LOWP else None
         expected = ref64(op, *args)
     assert_matches(out, expected, eager, tol=tol)
     return out
@@ -134,8 +109,8 @@ def check_op(op: str, *args, out_dtype: torch.dtype, tol: float = FP32_TOL):
 
 @pytest.mark.parametrize("kl_penalty", ["kl", "abs", "mse", "k3"])
 @pytest.mark.parametrize("mask_kind", GRID_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_compute_rewards(device, rand, shape, dtype, mask_kind, kl_penalty):
     B, T = shape
     x = rand.rollout(B, T, dtype, device, mask_kind, scores_dtype=torch.float32)
@@ -163,7 +138,7 @@ def test_compute_rewards(device, rand, shape, dtype, mask_kind, kl_penalty):
         (torch.bfloat16, torch.float64),
         (torch.float16, torch.bfloat16),
     ],
-    ids=lambda d: _id(d),
+    ids=H.ids,
 )
 def test_compute_rewards_scores_dtype(device, rand, dtype, scores_dtype):
     """scores may come in any float dtype; rewards keep the dtype of logprobs."""
@@ -213,8 +188,8 @@ def test_compute_rewards_k3_near_zero():
 
 @pytest.mark.parametrize("carry_masked", [False, True], ids=["plain", "carry"])
 @pytest.mark.parametrize("mask_kind", GRID_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_gae(device, rand, shape, dtype, mask_kind, carry_masked):
     B, T = shape
     v, r = rand.randn(B, T, dtype=dtype, device=device), rand.randn(B, T, dtype=dtype, device=device)
@@ -278,7 +253,7 @@ def test_carry_masked_is_moot_without_gaps(device, rand, mask_kind):
 
 @pytest.mark.parametrize("carry_masked", [False, True], ids=["plain", "carry"])
 @pytest.mark.parametrize("mask_kind", ["ones", "right", "left", "gaps", "masked_row", "random"])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (3, 7), (5, 64), (2, 1031), (4, 300)], ids=_id)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (3, 7), (5, 64), (2, 1031), (4, 300)], ids=H.ids)
 def test_gae_scan_equals_gae(rand, shape, mask_kind, carry_masked):
     """The reference's loop-free log-depth scan is the reference's loop."""
     B, T = shape
@@ -316,8 +291,8 @@ def _nd_mask(rand, shape, kind):
 
 @pytest.mark.parametrize("mask_kind", ["random", "ones", "none", "single"])
 @pytest.mark.parametrize("shift_mean", [True, False], ids=["shift", "keep_mean"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", [(1,), (7,), (1031,), (3, 7), (64, 300), (2, 3, 5), (4, 33, 17)], ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", [(1,), (7,), (1031,), (3, 7), (64, 300), (2, 3, 5), (4, 33, 17)], ids=H.ids)
 def test_masked_whiten(device, rand, shape, dtype, shift_mean, mask_kind):
     x = rand.randn(*shape, dtype=dtype, device=device, scale=3.0) + 1.5
     m = _nd_mask(rand, shape, mask_kind).to(device)
@@ -367,8 +342,8 @@ def test_masked_whiten_far_from_zero(rand):
 
 @pytest.mark.parametrize("whiten_rewards,carry_masked", FLAGS, ids=FLAG_IDS)
 @pytest.mark.parametrize("mask_kind", GRID_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_compute_advantages(device, rand, shape, dtype, mask_kind, whiten_rewards, carry_masked):
     B, T = shape
     v, r = rand.randn(B, T, dtype=dtype, device=device), rand.randn(B, T, dtype=dtype, device=device, scale=0.5) + 0.3
@@ -378,8 +353,8 @@ def test_compute_advantages(device, rand, shape, dtype, mask_kind, whiten_reward
 
 @pytest.mark.parametrize("whiten_rewards,carry_masked", FLAGS, ids=FLAG_IDS)
 @pytest.mark.parametrize("mask_kind", GRID_MASKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_rollout_advantages(device, rand, shape, dtype, mask_kind, whiten_rewards, carry_masked):
     B, T = shape
     x = rand.rollout(B, T, dtype, device, mask_kind)
@@ -391,7 +366,7 @@ def test_rollout_advantages(device, rand, shape, dtype, mask_kind, whiten_reward
 
 
 @pytest.mark.parametrize("kl_penalty", ["kl", "abs", "mse", "k3"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_rollout_advantages_kl_modes(device, rand, dtype, kl_penalty):
     x = rand.rollout(9, 70, dtype, device, "gaps")
     for whiten_rewards in (False, True):
@@ -497,7 +472,7 @@ def _with_mask(op, args, mask):
         (torch.float16, torch.float16),
         (torch.float16, torch.int32),
     ],
-    ids=_id,
+    ids=H.ids,
 )
 @pytest.mark.parametrize("op", OPS)
 def test_mask_dtypes(device, rand, op, dtype, mask_dtype):
@@ -526,28 +501,11 @@ def test_mask_nonzero_counts_as_one(device, rand, op):
             assert torch.equal(g, w)
 
 
-def _strided(x: torch.Tensor) -> torch.Tensor:
-    """A view of x (same values) taking every other element of a wider last dimension; the skipped
-    elements are NaN (True for bool) so a kernel that reads them is caught."""
-    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-    wide.fill_(True if x.dtype == torch.bool else float("nan") if x.is_floating_point() else 7)
-    wide[..., ::2] = x
-    view = wide[..., ::2]
-    assert not view.is_contiguous() or view.numel() <= 1
-    return view
-
-
-def _transposed(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() < 2:
-        return _strided(x)
-    return x.transpose(0, -1).contiguous().transpose(0, -1)
-
-
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=H.ids)
 @pytest.mark.parametrize("op", OPS)
 def test_non_contiguous(device, rand, op, dtype, layout):
-    make = _strided if layout == "strided" else _transposed
+    make = H.LAYOUTS[layout]
     m = rand.mask(6, 29, "gaps", device=device)
     args = _op_args(op, rand, 6, 29, dtype, device, m)
     nc = tuple(make(a) if isinstance(a, torch.Tensor) else a for a in args)
@@ -562,7 +520,7 @@ def test_non_contiguous(device, rand, op, dtype, layout):
 def test_non_contiguous_masked_whiten_3d(device, rand, layout):
     x = rand.randn(4, 6, 10, device=device)
     m = _nd_mask(rand, (4, 6, 10), "random").to(device)
-    make = _strided if layout == "strided" else _transposed
+    make = H.LAYOUTS[layout]
     want = ops.masked_whiten(x, m, True, 1e-8)
     assert torch.equal(ops.masked_whiten(make(x), make(m), True, 1e-8), want)
     assert torch.equal(ops.masked_whiten(x.permute(2, 0, 1).contiguous().permute(1, 2, 0), m, True, 1e-8), want)
@@ -572,25 +530,8 @@ def test_non_contiguous_masked_whiten_3d(device, rand, layout):
 # TRL 0.11 parity, written plainly (trl/trainer/ppo_trainer.py and trl/core.py)
 
 
-def trl_masked_mean(values, mask):
-    return (values * mask).sum() / mask.sum()
-
-
-def trl_masked_var(values, mask, unbiased=True):
-    mean = trl_masked_mean(values, mask)
-    centered_values = values - mean
-    variance = trl_masked_mean(centered_values**2, mask)
-    if unbiased:
-        mask_sum = mask.sum()
-        if mask_sum == 0:
-            raise ValueError("The sum of the mask is zero")
-        bessel_correction = mask_sum / (mask_sum - 1)
-        variance = variance * bessel_correction
-    return variance
-
-
 def trl_masked_whiten(values, mask, shift_mean=True):
-    mean, var = trl_masked_mean(values, mask), trl_masked_var(values, mask)
+    mean, var = H.trl_masked_mean(values, mask), H.trl_masked_var(values, mask)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened += mean
@@ -640,7 +581,7 @@ def trl_compute_rewards(scores, logprobs, ref_logprobs, masks, kl_coef, kl_penal
     return torch.stack(rewards), torch.stack(non_score_rewards), torch.stack(kls)
 
 
-@pytest.mark.parametrize("shape", [(1, 9), (3, 7), (8, 64), (3, 1031)], ids=_id)
+@pytest.mark.parametrize("shape", [(1, 9), (3, 7), (8, 64), (3, 1031)], ids=H.ids)
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9)])
 def test_trl_compute_advantages_parity(device, rand, shape, gamma, lam):
     B, T = shape
@@ -659,7 +600,7 @@ def test_trl_compute_advantages_parity(device, rand, shape, gamma, lam):
         assert_matches(fused64, (trl_adv, trl_ret))
 
 
-@pytest.mark.parametrize("shape", [(3, 7), (8, 64)], ids=_id)
+@pytest.mark.parametrize("shape", [(3, 7), (8, 64)], ids=H.ids)
 def test_trl_whiten_rewards_parity_without_padding(device, rand, shape):
     B, T = shape
     v, r = rand.randn(B, T, device=device), rand.randn(B, T, device=device, scale=2.0) + 0.5
@@ -731,8 +672,8 @@ def test_long_rows(rand, gamma, lam):
     for fused, ref, eager in zip(ops.gae(v, r, m, gamma, lam, False), (adv64, ret64), eager32, strict=True):
         assert torch.isfinite(fused).all()
         scale = ref.abs().max().item()
-        err = max_err(fused, ref)
-        assert err <= 2 * max_err(eager, ref) + 1e-5 * scale
+        err = H.max_err(fused, ref)
+        assert err <= H.flash_bound(H.max_err(eager, ref), scale)
         assert err <= 1e-3 * scale
     adv, ret = ops.compute_advantages(v, r, m, gamma, lam, False, False)
     assert torch.isfinite(adv).all()
@@ -780,14 +721,7 @@ def test_cpu_thread_count_independent(rand, op):
     number of threads (B*T spans several 8192-element chunks here)."""
     m = rand.mask(96, 300, "gaps")
     args = _op_args(op, rand, 96, 300, torch.float32, "cpu", m)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _as_tuple(call(op, "ops", *args))
-        torch.set_num_threads(max(2, threads))
-        many = _as_tuple(call(op, "ops", *args))
-    finally:
-        torch.set_num_threads(threads)
+    one, many = H.at_thread_counts(lambda: _as_tuple(call(op, "ops", *args)))
     for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)
 
@@ -849,13 +783,6 @@ def _fn_call(op, x, r):
     if op == "compute_advantages":
         return lambda: F.compute_advantages(x["values"], r, x["mask"], 0.99, 0.95, whiten_rewards=True)
     return lambda: F.rollout_advantages(*x.values(), 0.2, "kl", 1.0, 0.95, whiten_rewards=True)
-
-
-@pytest.fixture
-def dynamo_reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -1118,47 +1045,12 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-_CPP_DTYPE = {
-    "float32": "Float",
-    "float64": "Double",
-    "float16": "Half",
-    "bfloat16": "BFloat16",
-    "int64": "Long",
-    "int32": "Int",
-    "complex64": "ComplexFloat",
-}
-
-
-def _as_cpp_message(msg: str) -> str:
-    """The Python checks print torch.float32 and 2.0 where the C++ ones print Float and 2."""
-    msg = re.sub(r"torch\.(\w+)", lambda g: _CPP_DTYPE[g.group(1)], msg)
-    return re.sub(r"\b(\d+)\.0\b", r"\1", msg)
-
-
-def _raise_message(op, route, args):
-    with pytest.raises(RuntimeError) as info:
-        call(op, route, *args)
-    return str(info.value).splitlines()[0]
-
-
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_inputs(device, rand, case):
     op, build, match = BAD[case]
     args = build(rand, device)
-    fused = _raise_message(op, "fused", args)
-    eager = _raise_message(op, "eager", args)
-    direct = _raise_message(op, "ops", args)  # the C++ TORCH_CHECK
-    for msg in (fused, eager, direct):
-        assert msg.startswith(f"{op}: ")
-    assert fused == eager
-    assert re.search(match, fused), fused
+    _, direct = H.assert_same_error(op, match, lambda route: call(op, route, *args))
     assert re.search(match, direct), direct
-    # the Python checks mirror the C++ ones message for message (up to how dtypes and floats print)
-    assert _as_cpp_message(fused) == direct
-
-
-def _other_device(t: torch.Tensor) -> torch.Tensor:
-    return t.to("meta") if t.device.type == "cuda" or not torch.cuda.is_available() else t.cuda()
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -1180,10 +1072,8 @@ def test_tensors_on_different_devices(device, rand, op):
         if name == first:
             continue
         moved = list(args)
-        moved[i] = _other_device(args[i])
-        for route in ("fused", "eager", "ops"):
-            msg = _raise_message(op, route, moved)
-            assert msg.startswith(f"{op}: {name} is on ") and f"but {first} is on " in msg, (route, msg)
+        moved[i] = H.other_device(args[i])
+        H.assert_device_error(op, name, first, lambda route, moved=moved: call(op, route, *moved))
 
 
 @pytest.mark.cuda
@@ -1194,7 +1084,7 @@ def test_cuda_cpu_mix_rejected_by_kernel(rand, op):
     args = list(_op_args(op, rand, 3, 7, torch.float32, "cuda", m))
     i = {"compute_rewards": 2, "gae": 1, "masked_whiten": 1, "compute_advantages": 1, "rollout_advantages": 3}[op]
     args[i] = args[i].cpu()
-    msg = _raise_message(op, "ops", args)
+    msg = H.error_line(call, op, "ops", *args)
     assert msg.startswith(f"{op}: ") and "is on cpu but" in msg and "cuda" in msg, msg
 
 
@@ -1285,7 +1175,7 @@ def scan_reference(monkeypatch):
         ((1024, 1031), torch.bfloat16),
         ((17, 16384), torch.float16),
     ],
-    ids=_id,
+    ids=H.ids,
 )
 @pytest.mark.parametrize("whiten_rewards,carry_masked", [(False, False), (True, True)], ids=["w0c0", "w1c1"])
 def test_cuda_large(rand, scan_reference, shape, dtype, whiten_rewards, carry_masked):
@@ -1293,7 +1183,7 @@ def test_cuda_large(rand, scan_reference, shape, dtype, whiten_rewards, carry_ma
     x = rand.rollout(B, T, dtype, "cuda", "gaps" if carry_masked else "right")
     args = (*x.values(), 0.1, "kl", 1.0, 0.95, whiten_rewards, carry_masked)
     out = _as_tuple(ops.rollout_advantages(*args))
-    eager = _as_tuple(R.rollout_advantages(*args)) if dtype in LOWP else None
+    eager = _as_tuple(R.rollout_advantages(*args)) if dtype in H.LOWP else None
     # T up to 16384 at gamma * lam = 0.95: relative fp32 errors stay ~1e-6 (see test_long_rows)
     assert_matches(out, ref64("rollout_advantages", *args), eager, tol=2e-5)
     if dtype == torch.float32:  # low precision: the rollout scans the unrounded rewards
@@ -1316,13 +1206,7 @@ def _cuda_inputs(rand, whiten_rewards):
 @pytest.mark.parametrize("whiten_rewards", [False, True], ids=["w0", "w1"])
 def test_cuda_no_host_sync(rand, whiten_rewards):
     for name, fn in _cuda_inputs(rand, whiten_rewards).items():
-        fn()  # warm-up (allocator, lazy init)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            out = fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        out = without_host_sync(fn)
         assert all(torch.isfinite(o).all() for o in out), name
 
 
@@ -1331,17 +1215,8 @@ def test_cuda_no_host_sync(rand, whiten_rewards):
 def test_cuda_launch_count(rand, whiten_rewards):
     """The whole post-processing is at most three kernel launches. Every kernel on the device in the
     profiled region counts, whatever its name (memcpy/memset are listed in the message, not counted)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     for name, fn in _cuda_inputs(rand, whiten_rewards).items():
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        device_events = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
-        kernels = [n for n in device_events if not n.startswith(("Memcpy", "Memset"))]
+        kernels, device_events = cuda_kernels(fn)
         assert 1 <= len(kernels) <= 3, (name, device_events)
 
 

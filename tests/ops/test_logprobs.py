@@ -21,18 +21,18 @@ Logits are N(0, 3^2) (an LLM-like spread) unless a test says otherwise.
 from __future__ import annotations
 
 import math
-import re
 
+import _helpers as H
 import pytest
 import torch
+from _cuda_checks import cuda_kernels, without_host_sync
 
 from ppo_fast import functional as F
 from ppo_fast import reference as R
 
 ops = torch.ops.ppo_fast
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = 1e-5  # relative floor of the rule above
+TOL = H.FLOOR  # relative floor of the rule above (1e-5)
 SCALE = 3.0  # std of the logits
 # (B, T, V): T in {1, 7, 1031}, B in {1, 3}, vocabularies 1, 7, 1000, GPT-2's 50257 and Qwen2's
 # 152064 (few rows for the big ones so the CPU suite stays fast).
@@ -47,14 +47,6 @@ SHAPES = [
     (1, 3, 152064),
 ]
 FLOWS = ("logprob", "entropy", "both")
-
-
-def _id(x):
-    if isinstance(x, torch.dtype):
-        return str(x).removeprefix("torch.")
-    if isinstance(x, tuple) and all(isinstance(i, int) for i in x):
-        return "x".join(map(str, x))
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,10 +112,10 @@ def check_rule(what, out, ref, eager, elementwise=True, extra=None):
     r = ref.double()
     finite = torch.isfinite(r)
     if elementwise:
-        bound = 2 * ee + TOL * r.abs().clamp(min=1.0)
+        bound = H.flash_bound(ee, r.abs().clamp(min=1.0))
     else:
         fe, ee = fe.max(), ee.max()
-        bound = 2 * ee + TOL * r[finite].abs().max().clamp(min=1e-30)
+        bound = H.flash_bound(ee, r[finite].abs().max().clamp(min=1e-30))
     if extra is not None:
         bound = bound + extra
     if elementwise:
@@ -180,8 +172,8 @@ def check_gradients(logits, labels, temperature, g_lp, g_h, extra=None):
 # Against the reference: values and gradients
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=H.ids)
 def test_values(device, rand, shape, dtype):
     B, T, V = shape
     x = make_logits(rand, B, T, V, dtype, device)
@@ -196,8 +188,8 @@ def test_values(device, rand, shape, dtype):
 GRAD_CASES = [(shape, flow) for shape in SHAPES for flow in FLOWS if shape[2] <= 1000 or flow == "both"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape,flow", GRAD_CASES, ids=[f"{_id(s)}-{f}" for s, f in GRAD_CASES])
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape,flow", GRAD_CASES, ids=[f"{H.ids(s)}-{f}" for s, f in GRAD_CASES])
 def test_gradients(device, rand, shape, dtype, flow):
     """Gradient w.r.t. the logits from logprob only, entropy only and both."""
     B, T, V = shape
@@ -210,7 +202,7 @@ def test_gradients(device, rand, shape, dtype, flow):
 
 
 @pytest.mark.parametrize("temperature", [0.5, 0.7, 1.3, 4.0])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_temperature(device, rand, dtype, temperature):
     B, T, V = 3, 11, 257
     x = make_logits(rand, B, T, V, dtype, device)
@@ -259,7 +251,7 @@ def _extreme(kind, rand, B, T, V, dtype, device):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 @pytest.mark.parametrize("kind", ["shift+1e4", "shift-1e4", "spread1e4", "halves"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_extreme_logits_finite(device, rand, dtype, kind, temperature):
     """Logits of +-1e4 (z up to 2e4 with temperature 0.5): no overflow, no NaN, bounds hold, the
     gradients are finite, and the log-probs are right up to the fp32 rounding of lse itself."""
@@ -294,7 +286,7 @@ SHIFTED = [
 ]
 
 
-@pytest.mark.parametrize("dtype,V,shift", SHIFTED, ids=[f"{_id(d)}-{v}-{s:g}" for d, v, s in SHIFTED])
+@pytest.mark.parametrize("dtype,V,shift", SHIFTED, ids=[f"{H.ids(d)}-{v}-{s:g}" for d, v, s in SHIFTED])
 def test_shifted_rows_accuracy(device, rand, dtype, V, shift):
     """Logits far from 0 (GPT-2's sit around -80; +-1e4 as the extreme), N(shift, 3^2). Entropy is
     lse - E[z], two numbers near ``shift``: it must lose no more to cancellation than twice the eager
@@ -328,7 +320,7 @@ def _masked(rand, B, T, V, dtype, device, frac=0.5):
 
 
 @pytest.mark.parametrize("V", [7, 1000])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_masked_vocabulary(device, rand, dtype, V):
     B, T = 3, 7
     x, y, masked = _masked(rand, B, T, V, dtype, device)
@@ -342,7 +334,7 @@ def test_masked_vocabulary(device, rand, dtype, V):
             assert (grad[masked] == 0).all(), f"{flow}: nonzero gradient at -inf logits"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_label_at_masked_entry(device, rand, dtype):
     """A label at a -inf logit has probability 0: logprob -inf on every route; entropy unaffected."""
     B, T, V = 3, 7, 50
@@ -382,7 +374,7 @@ def _allocated(fn, device):
     return total, out
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_sliced_logits(device, rand, dtype):
     """logits[:, :-1] (the usual shift for next-token labels) and other views with a contiguous
     vocabulary: bit-identical to the contiguous copy, values, gradients and full_kl alike."""
@@ -440,7 +432,7 @@ def test_sliced_logits_not_copied(device, rand):
     assert copied >= nbytes
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_vocab_not_contiguous(device, rand, dtype):
     """A vocabulary that is not the last-contiguous dimension (a transposed view, an expanded one):
     correct results, equal to the contiguous copy's."""
@@ -496,7 +488,7 @@ def _head_step(hidden, w, labels, flow, inplace, sliced=True, g=None):
 
 
 @pytest.mark.parametrize("flow", FLOWS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_inplace_backward(device, rand, dtype, flow):
     """inplace_backward=True: the same gradients, bit for bit, sliced logits or not; the logits
     buffer holds the gradient afterwards."""
@@ -589,8 +581,8 @@ def check_full_kl(x, r, temperature=1.0):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 7), (3, 1031, 7), (2, 9, 1000), (2, 3, 50257)], ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 7), (3, 1031, 7), (2, 9, 1000), (2, 3, 50257)], ids=H.ids)
 def test_full_kl(device, rand, shape, dtype, temperature):
     B, T, V = shape
     x = make_logits(rand, B, T, V, dtype, device)
@@ -606,7 +598,7 @@ def test_full_kl(device, rand, shape, dtype, temperature):
 def test_full_kl_equal_logits(device, rand):
     """KL of a distribution with itself is exactly 0 (equal tensors, copies, masked entries, every
     dtype), and >= 0 (within rounding) for nearly equal ones."""
-    for dtype in DTYPES:
+    for dtype in H.DTYPES:
         x = make_logits(rand, 3, 7, 1000, dtype, device)
         assert (ops.full_kl(x, x, 1.0) == 0).all()
         assert (ops.full_kl(x, x.clone(), 0.7) == 0).all()
@@ -671,7 +663,7 @@ def trl_entropy_from_logits(logits):
     return torch.logsumexp(logits, axis=-1) - torch.sum(pd * logits, axis=-1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
 def test_trl_parity(device, rand, dtype):
     """logprobs_from_logits and entropy_from_logits against TRL's formulas (in fp64 on the same
     logits; TRL divides the logits by the temperature beforehand)."""
@@ -694,7 +686,7 @@ def test_trl_parity(device, rand, dtype):
 def test_return_types(device, rand):
     B, T, V = 2, 5, 33
     y = make_labels(rand, B, T, V, device)
-    for dtype in DTYPES:
+    for dtype in H.DTYPES:
         x = make_logits(rand, B, T, V, dtype, device)
         for use_fused in (True, False):
             kw = dict(use_fused=use_fused)
@@ -762,14 +754,7 @@ def test_cpu_thread_count_independent(rand):
     r = make_logits(rand, B, T, V)
     y = make_labels(rand, B, T, V)
     g_lp, g_h = make_grads(rand, B, T, "both")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _everything(x, y, r, g_lp, g_h)
-        torch.set_num_threads(max(2, threads))
-        many = _everything(x, y, r, g_lp, g_h)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = H.at_thread_counts(lambda: _everything(x, y, r, g_lp, g_h))
     for p, q in zip(one, many, strict=True):
         assert torch.equal(p, q)
 
@@ -817,13 +802,6 @@ def test_opcheck_full_kl(device, rand):
         r = (x.double() + rand.randn(*x.shape, dtype=torch.float64, device=device)).to(x.dtype)
         torch.library.opcheck(ops.full_kl.default, (x, r, t))
         torch.library.opcheck(ops.full_kl.default, (x, x.clone(), t))
-
-
-@pytest.fixture
-def dynamo_reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _lm_step(w, bias, hidden, labels, mask):
@@ -906,33 +884,15 @@ def test_compile_full_kl_and_entropy(device, rand, dynamo_reset):
 # Bad inputs: the op and the argument named, one message from every route (C++ included)
 
 
-_CPP_DTYPE = {
-    "float32": "Float",
-    "float64": "Double",
-    "float16": "Half",
-    "bfloat16": "BFloat16",
-    "int64": "Long",
-    "int32": "Int",
-    "bool": "Bool",
-    "complex64": "ComplexFloat",
-}
-
-
-def _as_cpp_message(msg: str) -> str:
-    """The Python checks print torch.float32 and 2.0 where the C++ ones print Float and 2."""
-    msg = re.sub(r"torch\.(\w+)", lambda g: _CPP_DTYPE[g.group(1)], msg)
-    return re.sub(r"\b(\d+)\.0\b", r"\1", msg)
-
-
-def call(route, op, args):
+def _functional(op, args, use_fused):
     """``op`` 'logprobs' (args: logits, labels, temperature) or 'full_kl' (logits, ref_logits,
-    temperature) through 'fused' / 'eager' (functional) or 'ops' (the C++ kernel's own checks)."""
-    if route == "ops":
-        return getattr(ops, op)(*args)
-    use_fused = route == "fused"
+    temperature) through functional (logprobs_from_logits with the entropy, full_kl)."""
     if op == "logprobs":
         return F.logprobs_from_logits(*args, return_entropy=True, use_fused=use_fused)
     return F.full_kl(*args, use_fused=use_fused)
+
+
+call = H.routes(_functional)
 
 
 def _bad_cases():
@@ -1051,25 +1011,11 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-def _raise_message(route, op, args):
-    with pytest.raises(RuntimeError) as info:
-        call(route, op, args)
-    return str(info.value).splitlines()[0]
-
-
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_inputs(device, rand, case):
     build, match = BAD[case]
     op, args = build(rand, device)
-    fused = _raise_message("fused", op, args)
-    eager = _raise_message("eager", op, args)
-    direct = _raise_message("ops", op, args)  # the C++ TORCH_CHECK
-    for msg in (fused, eager, direct):
-        assert msg.startswith(f"{op}: "), msg
-    assert fused == eager
-    assert re.search(match, fused), fused
-    # the Python checks mirror the C++ ones message for message (up to how dtypes and floats print)
-    assert _as_cpp_message(fused) == direct
+    H.assert_same_error(op, match, lambda route: call(op, route, *args))
 
 
 def test_entropy_from_logits_bad_inputs(device, rand):
@@ -1142,10 +1088,6 @@ def test_labels_out_of_range_unvalidated_give_nan(device, rand):
     assert torch.equal(xg.grad[~bad], want[~bad])
 
 
-def _other_device(t: torch.Tensor) -> torch.Tensor:
-    return t.to("meta") if t.device.type == "cuda" or not torch.cuda.is_available() else t.cuda()
-
-
 def test_tensors_on_different_devices(device, rand):
     """One tensor on another device (meta on a CPU-only machine, where the op routes to its fake
     kernel; cuda vs cpu where a GPU is present): the op, the tensor and both devices are named."""
@@ -1153,16 +1095,13 @@ def test_tensors_on_different_devices(device, rand):
     y = make_labels(rand, 3, 7, 11, device)
     r = make_logits(rand, 3, 7, 11, torch.float32, device)
     cases = [
-        ("logprobs", (x, _other_device(y), 1.0), "labels", "logits"),
-        ("logprobs", (_other_device(x), y, 1.0), "labels", "logits"),
-        ("full_kl", (x, _other_device(r), 1.0), "ref_logits", "logits"),
-        ("full_kl", (_other_device(x), r, 1.0), "ref_logits", "logits"),
+        ("logprobs", (x, H.other_device(y), 1.0), "labels", "logits"),
+        ("logprobs", (H.other_device(x), y, 1.0), "labels", "logits"),
+        ("full_kl", (x, H.other_device(r), 1.0), "ref_logits", "logits"),
+        ("full_kl", (H.other_device(x), r, 1.0), "ref_logits", "logits"),
     ]
     for op, args, name, ref_name in cases:
-        msgs = [_raise_message(route, op, args) for route in ("fused", "eager", "ops")]
-        for msg in msgs:
-            assert msg.startswith(f"{op}: {name} is on ") and f"but {ref_name} is on " in msg, msg
-            assert msg.endswith("all tensors must be on one device"), msg
+        msgs = H.assert_device_error(op, name, ref_name, lambda route, op=op, args=args: call(op, route, *args))
         assert msgs[0] == msgs[1] == msgs[2]
 
 
@@ -1230,7 +1169,7 @@ def test_cuda_large(rand):
 def test_cuda_float64_rejected(rand):
     x = make_logits(rand, 2, 3, 5, torch.float64, "cuda")
     y = make_labels(rand, 2, 3, 5, "cuda")
-    fused, eager = _raise_message("fused", "logprobs", (x, y, 1.0)), _raise_message("eager", "logprobs", (x, y, 1.0))
+    fused, eager = (H.error_line(call, "logprobs", route, x, y, 1.0) for route in ("fused", "eager"))
     assert fused == eager
     assert fused.startswith("logprobs: CUDA tensors must be float32, bfloat16 or float16"), fused
     with pytest.raises(RuntimeError, match="logprobs"):
@@ -1250,17 +1189,15 @@ def test_cuda_no_host_sync(rand):
     x0, y, w = _cuda_case(rand)
     x = x0.detach().clone().requires_grad_()
     for flow in FLOWS:
-        for _ in range(2):  # warm-up (allocator, lazy init), then the checked run
+
+        def step(flow=flow):
             x.grad = None
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                lp, h = F.logprobs_from_logits(x, y, 0.9, return_entropy=True, validate=False)
-                loss = {"logprob": (lp * w).sum(), "entropy": h.mean(), "both": (lp * w).sum() + h.mean()}[flow]
-                loss.backward()
-                kl = F.full_kl(x.detach(), x0, 0.9)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            lp, h = F.logprobs_from_logits(x, y, 0.9, return_entropy=True, validate=False)
+            loss = {"logprob": (lp * w).sum(), "entropy": h.mean(), "both": (lp * w).sum() + h.mean()}[flow]
+            loss.backward()
+            return F.full_kl(x.detach(), x0, 0.9)
+
+        kl = without_host_sync(step, check_warm_up=True)
         assert torch.isfinite(x.grad).all() and torch.isfinite(kl).all()
 
 
@@ -1268,31 +1205,19 @@ def test_cuda_no_host_sync(rand):
 def test_cuda_launch_count(rand):
     """Forward one kernel launch, backward one, full_kl one. Every kernel on the device in the
     profiled region counts, whatever its name (memcpy/memset are listed in the message, not counted)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    def kernels(fn):
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        events = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
-        return [n for n in events if not n.startswith(("Memcpy", "Memset"))], events
-
     x, y, w = _cuda_case(rand)
-    fwd, events = kernels(lambda: ops.logprobs(x, y, 0.9))
+    fwd, events = cuda_kernels(lambda: ops.logprobs(x, y, 0.9))
     assert len(fwd) == 1, ("forward", events)
-    fwd, events = kernels(lambda: F.logprobs_from_logits(x, y, 0.9, return_entropy=True, validate=False))
+    fwd, events = cuda_kernels(lambda: F.logprobs_from_logits(x, y, 0.9, return_entropy=True, validate=False))
     assert len(fwd) == 1, ("functional forward", events)
     _, h, lse = ops.logprobs(x, y, 0.9)
     g = w.float().contiguous()
-    bwd, events = kernels(lambda: ops.logprobs_backward(g, g, x, y, lse, h, 0.9))
+    bwd, events = cuda_kernels(lambda: ops.logprobs_backward(g, g, x, y, lse, h, 0.9))
     assert len(bwd) == 1, ("backward", events)
-    bwd, events = kernels(lambda: ops.logprobs_backward(g, None, x, y, lse, h, 0.9))
+    bwd, events = cuda_kernels(lambda: ops.logprobs_backward(g, None, x, y, lse, h, 0.9))
     assert len(bwd) == 1, ("backward, logprob only", events)
     r = x.flip(0)
-    kl, events = kernels(lambda: ops.full_kl(x, r, 0.9))
+    kl, events = cuda_kernels(lambda: ops.full_kl(x, r, 0.9))
     assert len(kl) == 1, ("full_kl", events)
 
 
@@ -1364,7 +1289,7 @@ def _check_nonfinite(what, out, ref, bad):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=H.ids)
 @pytest.mark.parametrize("V", [1, 7, 1000])
 def test_nonfinite_logits_values(device, rand, dtype, V, temperature):
     if dtype == torch.float64 and device.type == "cuda":
@@ -1393,7 +1318,7 @@ def test_nonfinite_logits_values(device, rand, dtype, V, temperature):
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("flow", FLOWS)
-@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=H.ids)
 @pytest.mark.parametrize("V", [7, 1000])
 def test_nonfinite_logits_gradients(device, rand, dtype, V, flow, inplace):
     """The gradient row of a row without a distribution is NaN in every entry (its -inf entries
@@ -1428,7 +1353,7 @@ def test_nonfinite_logits_gradients(device, rand, dtype, V, flow, inplace):
         assert err <= tol * scale + 1e-6, f"{route}: gradient error {err:.3g} on rows with a distribution"
 
 
-@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", NONFINITE_DTYPES, ids=H.ids)
 @pytest.mark.parametrize("V", [7, 1000])
 def test_nonfinite_full_kl(device, rand, dtype, V):
     """KL is NaN where either model's row has no distribution; a token the policy allows and the

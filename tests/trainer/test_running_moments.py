@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from _cuda_checks import cuda_kernels, without_host_sync
 
 import ppo_fast
 from ppo_fast import RunningMoments
@@ -748,29 +749,14 @@ def _cuda_module_steps(rand):
 @pytest.mark.cuda
 def test_cuda_update_normalize_no_host_sync(rand):
     for name, fn in _cuda_module_steps(rand).items():
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            y, mean, std = fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        y, mean, std = without_host_sync(fn)
         assert torch.isfinite(y).all() and torch.isfinite(mean) and std.item() > 0, name
 
 
 @pytest.mark.cuda
 def test_cuda_update_normalize_launch_count(rand):
     """RunningMoments.update_normalize (one process, validate=False) is at most two kernel launches,
-    as its docstring and issue 4's bar say; memcpy/memset are listed, not counted."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
+    as its docstring says; memcpy/memset are listed, not counted."""
     for name, fn in _cuda_module_steps(rand).items():
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        events = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
-        kernels = [n for n in events if not n.startswith(("Memcpy", "Memset"))]
+        kernels, events = cuda_kernels(fn)
         assert 1 <= len(kernels) <= 2, (name, events)
