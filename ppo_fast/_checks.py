@@ -210,6 +210,13 @@ def check_moments_normalize(op: str, clip: float | None, eps: float) -> None:
         raise RuntimeError(f"{op}: clip must be > 0 (or None), got {clip}")
 
 
+def check_moments_normalize_call(op: str, x, mask, state, clip: float | None, eps: float) -> None:
+    """Everything ``moments_normalize`` and ``moments_update_normalize_`` check, in the C++ order."""
+    check_moments_x(op, x, mask)
+    check_moments_state(op, state, x)
+    check_moments_normalize(op, clip, eps)
+
+
 def check_moments_merge(state: torch.Tensor, batches: torch.Tensor) -> None:
     op = "moments_merge_"
     check_moments_state(op, state, state)

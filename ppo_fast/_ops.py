@@ -22,8 +22,7 @@ from ppo_fast._checks import (
     check_logprobs_backward,
     check_masked_whiten,
     check_moments_merge,
-    check_moments_normalize,
-    check_moments_state,
+    check_moments_normalize_call,
     check_moments_x,
     check_ppo_loss,
     check_ppo_loss_params,
@@ -212,18 +211,12 @@ if HAS_EXT:
 
     @torch.library.register_fake("ppo_fast::moments_normalize")
     def _(x, mask, state, scale, center, clip, eps):
-        op = "moments_normalize"
-        check_moments_x(op, x, mask)
-        check_moments_state(op, state, x)
-        check_moments_normalize(op, clip, eps)
+        check_moments_normalize_call("moments_normalize", x, mask, state, clip, eps)
         return _empty(x)
 
     @torch.library.register_fake("ppo_fast::moments_update_normalize_")
     def _(state, x, mask, scale, center, clip, eps):
-        op = "moments_update_normalize_"
-        check_moments_x(op, x, mask)
-        check_moments_state(op, state, x)
-        check_moments_normalize(op, clip, eps)
+        check_moments_normalize_call("moments_update_normalize_", x, mask, state, clip, eps)
         return _empty(x), x.new_empty((4,), dtype=torch.float64)
 
     @torch.library.register_fake("ppo_fast::lion8bit_step_")

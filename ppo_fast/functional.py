@@ -278,11 +278,8 @@ def moments_normalize(
     ``scale``; ``x - mean`` first when ``center``; then clipped to ``[-clip, clip]``. Entries where
     ``mask`` is zero pass through unchanged (None: no entry is masked). Arguments in the schema's
     order, as ``moments_update_normalize_``. Returns x's dtype and shape."""
-    op = "moments_normalize"
     clip = None if clip is None else float(clip)
-    _checks.check_moments_x(op, x, mask)
-    _checks.check_moments_state(op, state, x)
-    _checks.check_moments_normalize(op, clip, float(eps))
+    _checks.check_moments_normalize_call("moments_normalize", x, mask, state, clip, float(eps))
     fn = backend(use_fused).moments_normalize
     return fn(x.detach(), mask, state, bool(scale), bool(center), clip, float(eps))
 
@@ -301,11 +298,8 @@ def moments_update_normalize_(
     """Merge ``x``'s moments into ``state`` (in place), then ``moments_normalize`` with the updated
     state: one process's whole score scaling / normalisation / clipping, two CUDA launches and no
     host synchronisation. Returns ``(normalised x, batch moments [4])``."""
-    op = "moments_update_normalize_"
     clip = None if clip is None else float(clip)
-    _checks.check_moments_x(op, x, mask)
-    _checks.check_moments_state(op, state, x)
-    _checks.check_moments_normalize(op, clip, float(eps))
+    _checks.check_moments_normalize_call("moments_update_normalize_", x, mask, state, clip, float(eps))
     fn = backend(use_fused).moments_update_normalize_
     return fn(state, x.detach(), mask, bool(scale), bool(center), clip, float(eps))
 

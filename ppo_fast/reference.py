@@ -132,6 +132,12 @@ def masked_whiten(
     return out.to(dtype)
 
 
+def _gae_inputs(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor):
+    """The scan's inputs in the accumulation dtype: the mask as 0/1, values and rewards 0 where masked."""
+    m = (mask != 0).to(_acc(values).dtype)
+    return m, _keep(_acc(values), m), _keep(_acc(rewards), m)
+
+
 def gae(
     values: torch.Tensor,
     rewards: torch.Tensor,
@@ -144,9 +150,7 @@ def gae(
     mask and the value past the end is 0. With ``carry_masked``, masked positions are skipped: the
     advantage and the next value are carried through them unchanged. [B, T] in, [B, T] out."""
     dtype = values.dtype
-    m = (mask != 0).to(_acc(values).dtype)
-    v = _keep(_acc(values), m)
-    r = _keep(_acc(rewards), m)
+    m, v, r = _gae_inputs(values, rewards, mask)
     T = v.shape[1]
     last_gae = torch.zeros_like(v[:, 0])
     next_value = torch.zeros_like(v[:, 0])
@@ -177,9 +181,7 @@ def gae_scan(
     ``x -> a x + b``). Same results as ``gae``; this form is what ``torch.compile`` can take at
     large T, where the Python loop would unroll T times."""
     dtype = values.dtype
-    m = (mask != 0).to(_acc(values).dtype)
-    v = _keep(_acc(values), m)
-    r = _keep(_acc(rewards), m)
+    m, v, r = _gae_inputs(values, rewards, mask)
     ones, zeros = torch.ones_like(v), torch.zeros_like(v)
     take = m if carry_masked else ones
     # next value: N_t = take_t ? v_t : N_{t+1}; the value seen from t is N_{t+1}.
