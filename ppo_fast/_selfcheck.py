@@ -256,7 +256,7 @@ def _(fused, x):
     v, mask = x.randn(5, 41, scale=3.0), x.mask(5, 41)
     out = {}
     for scale, center, clip in ((True, False, None), (True, True, 0.5), (False, True, 1.0)):
-        y = _F().moments_normalize(v, state, mask, scale=scale, center=center, clip=clip, use_fused=fused)
+        y = _F().moments_normalize(v, mask, state, scale=scale, center=center, clip=clip, use_fused=fused)
         out[f"scale={scale},center={center},clip={clip}"] = y
     return out
 

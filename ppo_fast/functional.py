@@ -12,10 +12,11 @@ from typing import NamedTuple
 
 import torch
 
-from ppo_fast import _ops, reference
+from ppo_fast import _checks, _ops, reference
 
 __all__ = [
     "RolloutAdvantages",
+    "backend",
     "compute_advantages",
     "compute_rewards",
     "entropy_from_logits",
@@ -30,6 +31,7 @@ __all__ = [
     "moments_normalize",
     "moments_update_normalize_",
     "ppo_loss",
+    "resolve_fused",
     "rollout_advantages",
 ]
 
@@ -47,12 +49,23 @@ def fused_available() -> bool:
     return _ops.HAS_EXT
 
 
-def _use_fused(use_fused: bool | None) -> bool:
+def resolve_fused(use_fused: bool | None, who: str = "ppo_fast", flag: str = "use_fused") -> bool:
+    """Whether a call with ``use_fused`` runs fused: None means "when the extension is built"; True
+    without the extension raises a RuntimeError that names ``who`` and its ``flag``."""
     if use_fused is None:
         return _ops.HAS_EXT
     if use_fused and not _ops.HAS_EXT:
-        raise RuntimeError(f"ppo_fast: use_fused=True but the compiled extension is not available ({_ops.EXT_ERROR})")
+        raise RuntimeError(f"{who}: {flag}=True but the compiled extension is not available ({_ops.EXT_ERROR})")
     return bool(use_fused)
+
+
+def backend(use_fused: bool | None = None):
+    """The ops themselves, for a caller that has checked its own arguments (the trainer,
+    ``RunningMoments``, the Lion optimizers): ``torch.ops.ppo_fast`` when fused, whose kernels check
+    their arguments in C++ (and the fake kernels under ``torch.compile``), else ``ppo_fast.reference``,
+    which checks nothing. Either takes each op's schema arguments, positionally, and returns what the
+    schema returns; the functions of this module add the Python checks and the conveniences."""
+    return _ops.ops if resolve_fused(use_fused) else reference
 
 
 def compute_rewards(
@@ -73,8 +86,8 @@ def compute_rewards(
     Returns ``(rewards, non_score_rewards, kl)``, [B, T] in the dtype of ``logprobs``.
     """
     kl_coef = float(kl_coef)
-    _ops.check_compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty)
-    fn = _ops.ops.compute_rewards if _use_fused(use_fused) else reference.compute_rewards
+    _checks.check_compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty)
+    fn = backend(use_fused).compute_rewards
     return fn(scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask, kl_coef, kl_penalty)
 
 
@@ -93,8 +106,8 @@ def gae(
     and next value carried through them), for multi-turn rollouts with masked observation tokens.
     [B, T] in, ``(advantages, returns)`` [B, T] out, in the dtype of ``values``."""
     gamma, lam = float(gamma), float(lam)
-    _ops.check_gae(values, rewards, mask, gamma, lam)
-    fn = _ops.ops.gae if _use_fused(use_fused) else reference.gae
+    _checks.check_gae(values, rewards, mask, gamma, lam)
+    fn = backend(use_fused).gae
     return fn(values.detach(), rewards.detach(), mask, gamma, lam, bool(carry_masked))
 
 
@@ -111,8 +124,8 @@ def masked_whiten(
     fewer than two unmasked positions the variance is taken as 1 (TRL raises or returns NaN).
     ``x`` of any shape, ``mask`` of the same shape; returns the dtype of ``x``."""
     eps = float(eps)
-    _ops.check_masked_whiten(x, mask, eps)
-    fn = _ops.ops.masked_whiten if _use_fused(use_fused) else reference.masked_whiten
+    _checks.check_masked_whiten(x, mask, eps)
+    fn = backend(use_fused).masked_whiten
     return fn(x.detach(), mask, bool(shift_mean), eps)
 
 
@@ -132,8 +145,8 @@ def compute_advantages(
     ``(advantages, returns)`` in the dtype of ``values``. On CUDA: at most three launches, no host
     synchronisation."""
     gamma, lam = float(gamma), float(lam)
-    _ops.check_gae(values, rewards, mask, gamma, lam, op="compute_advantages")
-    fn = _ops.ops.compute_advantages if _use_fused(use_fused) else reference.compute_advantages
+    _checks.check_gae(values, rewards, mask, gamma, lam, op="compute_advantages")
+    fn = backend(use_fused).compute_advantages
     return fn(values.detach(), rewards.detach(), mask, gamma, lam, bool(whiten_rewards), bool(carry_masked))
 
 
@@ -156,8 +169,8 @@ def rollout_advantages(
     ``compute_advantages``. On CUDA this is two launches (three with ``whiten_rewards``) and no host
     synchronisation. Returns ``RolloutAdvantages(rewards, non_score_rewards, kl, advantages, returns)``."""
     kl_coef, gamma, lam = float(kl_coef), float(gamma), float(lam)
-    _ops.check_rollout_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef, kl_penalty, gamma, lam)
-    fn = _ops.ops.rollout_advantages if _use_fused(use_fused) else reference.rollout_advantages
+    _checks.check_rollout_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef, kl_penalty, gamma, lam)
+    fn = backend(use_fused).rollout_advantages
     out = fn(
         scores.detach(),
         logprobs.detach(),
@@ -223,8 +236,8 @@ def ppo_loss(
     scalars += (aggregation, float(ratio_threshold))
     tensors = (logprobs, vpreds, old_logprobs.detach(), old_values.detach(), advantages.detach(), returns.detach())
     ref = None if ref_logprobs is None else ref_logprobs.detach()
-    _ops.check_ppo_loss(*tensors, mask, ref, *scalars)
-    fn = _ops.ops.ppo_loss if _use_fused(use_fused) else reference.ppo_loss
+    _checks.check_ppo_loss(*tensors, mask, ref, *scalars)
+    fn = backend(use_fused).ppo_loss
     loss, stats, _ = fn(*tensors, mask, ref, *scalars)
     named = dict(zip(reference.PPO_LOSS_STATS, stats.unbind(0), strict=True))
     named["_vector"] = stats
@@ -235,8 +248,8 @@ def moments(x: torch.Tensor, mask: torch.Tensor | None = None, *, use_fused: boo
     """A batch's moments ``(count, mean, M2, non-finite)`` as float64 [4], over the entries where
     ``mask`` is non-zero (all when None). Non-finite values are counted apart, not in the moments.
     ``x`` of any shape (fp32, bf16, fp16; fp64 on CPU); ``mask`` of x's shape."""
-    _ops.check_moments_x("moments", x, mask)
-    fn = _ops.ops.moments if _use_fused(use_fused) else reference.moments
+    _checks.check_moments_x("moments", x, mask)
+    fn = backend(use_fused).moments
     return fn(x.detach(), mask)
 
 
@@ -244,16 +257,16 @@ def moments_merge_(state: torch.Tensor, batches: torch.Tensor, *, use_fused: boo
     """Merges ``batches`` [K, 4] (e.g. one per process, in rank order) into the running ``state``
     [4] = (count, mean, M2, rejected), in place, with Chan's formula in fp64. If any batch holds a
     non-finite value nothing is merged and ``rejected`` grows by one. Returns ``state``."""
-    _ops.check_moments_merge(state, batches)
-    fn = _ops.ops.moments_merge_ if _use_fused(use_fused) else reference.moments_merge_
+    _checks.check_moments_merge(state, batches)
+    fn = backend(use_fused).moments_merge_
     fn(state, batches)
     return state
 
 
 def moments_normalize(
     x: torch.Tensor,
+    mask: torch.Tensor | None,
     state: torch.Tensor,
-    mask: torch.Tensor | None = None,
     *,
     scale: bool = True,
     center: bool = False,
@@ -263,13 +276,11 @@ def moments_normalize(
 ) -> torch.Tensor:
     """``x / (std + eps)`` with the running std (Bessel-corrected; 1 below two samples) when
     ``scale``; ``x - mean`` first when ``center``; then clipped to ``[-clip, clip]``. Entries where
-    ``mask`` is zero pass through unchanged. Returns x's dtype and shape."""
-    op = "moments_normalize"
+    ``mask`` is zero pass through unchanged (None: no entry is masked). Arguments in the schema's
+    order, as ``moments_update_normalize_``. Returns x's dtype and shape."""
     clip = None if clip is None else float(clip)
-    _ops.check_moments_x(op, x, mask)
-    _ops.check_moments_state(op, state, x)
-    _ops.check_moments_normalize(op, clip, float(eps))
-    fn = _ops.ops.moments_normalize if _use_fused(use_fused) else reference.moments_normalize
+    _checks.check_moments_normalize_call("moments_normalize", x, mask, state, clip, float(eps))
+    fn = backend(use_fused).moments_normalize
     return fn(x.detach(), mask, state, bool(scale), bool(center), clip, float(eps))
 
 
@@ -287,12 +298,9 @@ def moments_update_normalize_(
     """Merge ``x``'s moments into ``state`` (in place), then ``moments_normalize`` with the updated
     state: one process's whole score scaling / normalisation / clipping, two CUDA launches and no
     host synchronisation. Returns ``(normalised x, batch moments [4])``."""
-    op = "moments_update_normalize_"
     clip = None if clip is None else float(clip)
-    _ops.check_moments_x(op, x, mask)
-    _ops.check_moments_state(op, state, x)
-    _ops.check_moments_normalize(op, clip, float(eps))
-    fn = _ops.ops.moments_update_normalize_ if _use_fused(use_fused) else reference.moments_update_normalize_
+    _checks.check_moments_normalize_call("moments_update_normalize_", x, mask, state, clip, float(eps))
+    fn = backend(use_fused).moments_update_normalize_
     return fn(state, x.detach(), mask, bool(scale), bool(center), clip, float(eps))
 
 
@@ -321,10 +329,10 @@ def lion8bit_step_(
     ``ppo_fast.optim.Lion8bit`` and ``Lion`` are built on this.
     """
     lr, beta1, beta2, weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
-    _ops.check_lion8bit_step(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay)
+    _checks.check_lion8bit_step(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay)
     if not params:
         return  # nothing to step (and an op call without tensors has no device to dispatch on)
-    fn = _ops.ops.lion8bit_step_ if _use_fused(use_fused) else reference.lion8bit_step_
+    fn = backend(use_fused).lion8bit_step_
     grads = [g.detach() for g in grads]
     fn(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay, bool(stochastic_rounding), int(seed))
 
@@ -361,10 +369,10 @@ def logprobs_from_logits(
     nothing else needs them afterwards (the usual case: they come straight from the LM head).
     """
     temperature = float(temperature)
-    _ops.check_logprobs(logits, labels, temperature)
+    _checks.check_logprobs(logits, labels, temperature)
     if validate:
         _check_label_range("logprobs", labels, logits.shape[-1])
-    fused = _use_fused(use_fused)
+    fused = resolve_fused(use_fused)
     if inplace_backward and not fused:
         raise RuntimeError(
             "logprobs: inplace_backward needs the fused op (use_fused=False was asked or it is not built)"
@@ -395,6 +403,6 @@ def full_kl(
     """Per-token KL(policy || reference) over the whole vocabulary, for ``kl_penalty="full"``, in one
     pass over both logits; [B, T] fp32. Not differentiable (rewards are computed without gradients)."""
     temperature = float(temperature)
-    _ops.check_full_kl(logits, ref_logits, temperature)
-    fn = _ops.ops.full_kl if _use_fused(use_fused) else reference.full_kl
+    _checks.check_full_kl(logits, ref_logits, temperature)
+    fn = backend(use_fused).full_kl
     return fn(logits.detach(), ref_logits.detach(), temperature)

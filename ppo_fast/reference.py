@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from ppo_fast._modes import AGGREGATIONS, KL_ESTIMATORS, KL_PENALTIES, one_of
+
 __all__ = [
+    "bessel_var",
     "compute_advantages",
     "compute_rewards",
     "dequantize_blockwise",
@@ -30,6 +33,8 @@ __all__ = [
     "ppo_loss",
     "quantize_blockwise",
     "rollout_advantages",
+    "running_std",
+    "running_var",
     "stochastic_round_bf16",
 ]
 
@@ -40,18 +45,27 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.double() if x.dtype == torch.float64 else x.float()
 
 
+# Per-token KL estimators of d = logprobs - ref_logprobs, by both of their names: TRL's kl_penalty
+# modes (kl, abs, mse, k3) and the loss's kl_estimator (Schulman's k1, k2, k3; k1 = kl, k2 = mse).
+_KL_FORMS = {
+    "kl": lambda d: d,
+    "k1": lambda d: d,
+    "abs": lambda d: d.abs(),
+    "mse": lambda d: 0.5 * d.square(),
+    "k2": lambda d: 0.5 * d.square(),
+    "k3": lambda d: torch.exp(-d) + d - 1,
+}
+
+
+def _kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mode: str, arg: str, modes: tuple[str, ...]):
+    if mode not in modes:
+        raise ValueError(f"{arg} must be one of {one_of(modes)}, got {mode!r}")
+    return _KL_FORMS[mode](logprobs - ref_logprobs)
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mode: str = "kl") -> torch.Tensor:
     """Per-token KL estimate (TRL's ``_kl_penalty``; ``k3`` is Schulman's unbiased low-variance one)."""
-    d = logprobs - ref_logprobs
-    if mode == "kl":
-        return d
-    if mode == "abs":
-        return d.abs()
-    if mode == "mse":
-        return 0.5 * d.square()
-    if mode == "k3":
-        return torch.exp(-d) + d - 1
-    raise ValueError(f"kl_penalty must be one of 'kl', 'abs', 'mse', 'k3', got {mode!r}")
+    return _kl(logprobs, ref_logprobs, mode, "kl_penalty", KL_PENALTIES)
 
 
 def compute_rewards(
@@ -68,7 +82,7 @@ def compute_rewards(
     Returns ``(rewards, non_score_rewards, kl)``, each [B, T] in the dtype of ``logprobs``.
     """
     dtype = logprobs.dtype
-    kl = globals()["kl_penalty"](_acc(logprobs), _acc(ref_logprobs), kl_penalty)
+    kl = _kl(_acc(logprobs), _acc(ref_logprobs), kl_penalty, "kl_penalty", KL_PENALTIES)
     non_score = -kl_coef * kl
     m = mask != 0
     T = m.shape[1]
@@ -89,13 +103,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _keep(values, mask).sum() / mask.sum().clamp(min=1)
 
 
+def bessel_var(m2: torch.Tensor, n: torch.Tensor, below_two: float) -> torch.Tensor:
+    """``m2 / (n - 1)``, the Bessel-corrected variance from a sum of squared deviations ``m2`` over
+    ``n`` samples; ``below_two`` where n < 2 (no spread can be measured). Every variance of ppo_fast
+    is this one: whitening and the running moments take 1 there, the loss statistics 0."""
+    return torch.where(n > 1, m2 / (n - 1).clamp(min=1), torch.full_like(m2, below_two))
+
+
 def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Bessel-corrected masked variance; 1 when fewer than two positions are unmasked (TRL raises for
     none and returns NaN for one)."""
-    n = mask.sum()
     centered = values - masked_mean(values, mask)
-    var = _keep(centered.square(), mask).sum() / (n - 1).clamp(min=1)
-    return torch.where(n > 1, var, torch.ones_like(var))
+    return bessel_var(_keep(centered.square(), mask).sum(), mask.sum(), 1.0)
 
 
 def masked_whiten(
@@ -113,6 +132,12 @@ def masked_whiten(
     return out.to(dtype)
 
 
+def _gae_inputs(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor):
+    """The scan's inputs in the accumulation dtype: the mask as 0/1, values and rewards 0 where masked."""
+    m = (mask != 0).to(_acc(values).dtype)
+    return m, _keep(_acc(values), m), _keep(_acc(rewards), m)
+
+
 def gae(
     values: torch.Tensor,
     rewards: torch.Tensor,
@@ -125,9 +150,7 @@ def gae(
     mask and the value past the end is 0. With ``carry_masked``, masked positions are skipped: the
     advantage and the next value are carried through them unchanged. [B, T] in, [B, T] out."""
     dtype = values.dtype
-    m = (mask != 0).to(_acc(values).dtype)
-    v = _keep(_acc(values), m)
-    r = _keep(_acc(rewards), m)
+    m, v, r = _gae_inputs(values, rewards, mask)
     T = v.shape[1]
     last_gae = torch.zeros_like(v[:, 0])
     next_value = torch.zeros_like(v[:, 0])
@@ -158,9 +181,7 @@ def gae_scan(
     ``x -> a x + b``). Same results as ``gae``; this form is what ``torch.compile`` can take at
     large T, where the Python loop would unroll T times."""
     dtype = values.dtype
-    m = (mask != 0).to(_acc(values).dtype)
-    v = _keep(_acc(values), m)
-    r = _keep(_acc(rewards), m)
+    m, v, r = _gae_inputs(values, rewards, mask)
     ones, zeros = torch.ones_like(v), torch.zeros_like(v)
     take = m if carry_masked else ones
     # next value: N_t = take_t ? v_t : N_{t+1}; the value seen from t is N_{t+1}.
@@ -262,9 +283,7 @@ def _token_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def _stat_var(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Bessel-corrected masked variance; 0 with fewer than two tokens."""
-    n = m.sum()
-    var = _keep((x - _token_mean(x, m)).square(), m).sum() / (n - 1).clamp(min=1)
-    return torch.where(n > 1, var, torch.zeros_like(var))
+    return bessel_var(_keep((x - _token_mean(x, m)).square(), m).sum(), m.sum(), 0.0)
 
 
 def _aggregate(x: torch.Tensor, m: torch.Tensor, aggregation: str) -> torch.Tensor:
@@ -276,20 +295,7 @@ def _aggregate(x: torch.Tensor, m: torch.Tensor, aggregation: str) -> torch.Tens
         return (row_sum / row_n.clamp(min=1)).sum() / rows
     if aggregation == "seq_mean_token_sum":
         return row_sum.sum() / rows
-    raise ValueError(
-        f"aggregation must be one of 'token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', got {aggregation!r}"
-    )
-
-
-def _kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    d = logprobs - ref_logprobs
-    if estimator == "k1":
-        return d
-    if estimator == "k2":
-        return 0.5 * d.square()
-    if estimator == "k3":
-        return torch.exp(-d) + d - 1
-    raise ValueError(f"kl_estimator must be one of 'k1', 'k2', 'k3', got {estimator!r}")
+    raise ValueError(f"aggregation must be one of {one_of(AGGREGATIONS)}, got {aggregation!r}")
 
 
 def ppo_loss(
@@ -354,7 +360,7 @@ def ppo_loss(
     vf_losses2 = (vpredclipped - ret) ** 2
     vf = 0.5 * torch.maximum(vf_losses1, vf_losses2)
     if kl_coef != 0.0:
-        kl = _kl_estimate(lp, ref_logprobs.to(acc), kl_estimator)
+        kl = _kl(lp, ref_logprobs.to(acc), kl_estimator, "kl_estimator", KL_ESTIMATORS)
     else:
         kl = torch.zeros_like(lp)
 
@@ -446,13 +452,17 @@ def moments_merge_(state: torch.Tensor, batches: torch.Tensor) -> None:
     state.copy_(torch.where(bad, rejected, new))
 
 
+def running_var(state: torch.Tensor, eps: float = MOMENTS_EPS) -> torch.Tensor:
+    """Bessel-corrected variance of a state or batch ``(count, mean, M2, ...)``: 1 with fewer than
+    two samples (TRL: inf), and 1 when its std is at most ``eps`` (equal scores: ``x / (0 + eps)``
+    would scale them by 1 / eps; ``<=`` so that eps = 0 never divides by a zero std). NaN stays NaN."""
+    var = bessel_var(state[2], state[0], 1.0)
+    return torch.where(var.sqrt() <= eps, torch.ones_like(var), var)
+
+
 def running_std(state: torch.Tensor, eps: float = MOMENTS_EPS) -> torch.Tensor:
-    """Bessel-corrected std of a state or batch, the one normalisation divides by: 1 with fewer than
-    two samples (TRL: inf), and 1 when ``std <= eps`` (equal scores: ``x / (0 + eps)`` would scale
-    them by 1 / eps; ``<=`` so that eps = 0 never divides by a zero std). NaN stays NaN."""
-    one = torch.ones_like(state[2])
-    std = torch.where(state[0] > 1, (state[2] / (state[0] - 1).clamp(min=1)).sqrt(), one)
-    return torch.where(std <= eps, one, std)
+    """``sqrt(running_var(state, eps))``: the std that normalisation divides by (plus eps)."""
+    return running_var(state, eps).sqrt()
 
 
 def moments_normalize(

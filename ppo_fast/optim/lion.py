@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from ppo_fast import _ops, reference
+from ppo_fast import functional, reference
+from ppo_fast._checks import check_lion8bit_step
 
 __all__ = ["Lion", "Lion8bit"]
 
@@ -80,11 +81,7 @@ class Lion(torch.optim.Optimizer):
         )
         defaults.update(self._extra_defaults())
         _hyper(type(self).__name__, defaults)
-        if fused and not _ops.HAS_EXT:
-            raise RuntimeError(
-                f"{type(self).__name__}: fused=True but the compiled extension is not available ({_ops.EXT_ERROR})"
-            )
-        self.fused = _ops.HAS_EXT if fused is None else bool(fused)
+        self.fused = functional.resolve_fused(fused, type(self).__name__, "fused")
         super().__init__(params, defaults)
         self._empty: dict[torch.device, torch.Tensor] = {}
 
@@ -241,7 +238,7 @@ class Lion(torch.optim.Optimizer):
         grads = [g.reshape(w.shape) if g.shape != w.shape else g for g, w in zip(grads, work)]
         momentum = [s["momentum"] for s in states]
         absmax = [s["absmax"] if "absmax" in s else self._no_absmax(ps[0].device) for s in states]
-        _ops.check_lion8bit_step(work, grads, momentum, absmax, *hyper)
+        check_lion8bit_step(work, grads, momentum, absmax, *hyper)  # every group, before any steps
         step = states[0]["step"] + 1
         # A new seed per step and group: the kernels mix in each tensor's index and element index.
         seed = ((int(group["seed"]) & _M32) * 0x9E3779B1 + step * 0x85EBCA77) & _M32
@@ -249,9 +246,9 @@ class Lion(torch.optim.Optimizer):
 
     def _run(self, plan) -> None:
         ps, states, work, grads, momentum, absmax, (lr, beta1, beta2, weight_decay), stochastic, seed = plan
-        # Checked in _plan (functional.lion8bit_step_ would check the lists again).
-        fn = _ops.ops.lion8bit_step_ if self.fused else reference.lion8bit_step_
-        fn(work, grads, momentum, absmax, lr, beta1, beta2, weight_decay, stochastic, seed)
+        # Checked in _plan: the op itself, not functional.lion8bit_step_, which would check the lists again.
+        step_ = functional.backend(self.fused).lion8bit_step_
+        step_(work, grads, momentum, absmax, lr, beta1, beta2, weight_decay, stochastic, seed)
         for p, w, s in zip(ps, work, states):
             if w is not p:
                 p.copy_(w)

@@ -18,12 +18,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["JSONDict", "PPOConfig"]
+from ppo_fast._modes import ADVANTAGE_WHITENING, AGGREGATIONS, CONFIG_KL_PENALTIES, KL_ESTIMATORS
 
-KL_PENALTIES = ("kl", "abs", "mse", "full")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
-ADVANTAGE_WHITENING = ("process", "global")
+__all__ = ["JSONDict", "PPOConfig"]
 
 
 class JSONDict(dict):
@@ -84,7 +81,7 @@ class PPOConfig:
     learning_rate: float = field(default=1.41e-5, metadata={"help": "Learning rate of the default Adam."})
     adap_kl_ctrl: bool = field(default=True, metadata={"help": "Adaptive KL controller (else a fixed coefficient)."})
     init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient in the reward."})
-    kl_penalty: Literal["kl", "abs", "mse", "full"] = field(
+    kl_penalty: Literal[CONFIG_KL_PENALTIES] = field(
         default="kl",
         metadata={"help": "Per-token KL in the reward: kl (logp - ref), abs, mse (0.5 d^2), full (whole vocabulary)."},
     )
@@ -151,16 +148,16 @@ class PPOConfig:
     kl_loss_coef: float = field(
         default=0.0, metadata={"help": "Weight of a KL-to-reference term in the loss (0: KL only in the reward)."}
     )
-    kl_estimator: Literal["k1", "k2", "k3"] = field(
+    kl_estimator: Literal[KL_ESTIMATORS] = field(
         default="k1", metadata={"help": "Estimator of the KL term in the loss: k1, k2 or k3."}
     )
     dual_clip: float | None = field(
         default=None, metadata={"help": "Dual-clip constant (> 1) bounding the loss of negative advantages."}
     )
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = field(
+    loss_aggregation: Literal[AGGREGATIONS] = field(
         default="token_mean", metadata={"help": "How token losses are averaged (TRL: token_mean)."}
     )
-    advantage_whitening: Literal["process", "global"] = field(
+    advantage_whitening: Literal[ADVANTAGE_WHITENING] = field(
         default="process", metadata={"help": "Whiten advantages per process (TRL) or across all processes."}
     )
     log_ratio_clamp: float | None = field(
@@ -244,9 +241,9 @@ class PPOConfig:
             number("dual_clip", 1.0, open_lo=True)
         if self.log_ratio_clamp is not None:
             number("log_ratio_clamp", 0.0, open_lo=True)
-        choice("kl_penalty", KL_PENALTIES)
+        choice("kl_penalty", CONFIG_KL_PENALTIES)
         choice("kl_estimator", KL_ESTIMATORS)
-        choice("loss_aggregation", LOSS_AGGREGATIONS)
+        choice("loss_aggregation", AGGREGATIONS)
         choice("advantage_whitening", ADVANTAGE_WHITENING)
         if self.log_with not in (None, "wandb", "tensorboard"):
             raise ValueError(f"PPOConfig: log_with must be None, 'wandb' or 'tensorboard'; got {self.log_with!r}")

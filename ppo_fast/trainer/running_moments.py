@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ppo_fast import _ops
 from ppo_fast import functional as F
-from ppo_fast.reference import MOMENTS_EPS
+from ppo_fast._checks import check_moments_normalize, check_moments_x
+from ppo_fast.reference import MOMENTS_EPS, running_var
 
 __all__ = ["RunningMoments"]
 
@@ -58,12 +58,12 @@ class RunningMoments(nn.Module):
     @property
     def var(self) -> torch.Tensor:
         """Bessel-corrected running variance; 1 below two samples or when the std is at most eps."""
-        return self._var_std(self.state, self.eps)[0]
+        return running_var(self.state, self.eps)
 
     @property
     def std(self) -> torch.Tensor:
         """The running std that ``normalize`` divides by (plus eps); 1 below two samples or when at most eps."""
-        return self._var_std(self.state, self.eps)[1]
+        return running_var(self.state, self.eps).sqrt()
 
     @property
     def rejected(self) -> torch.Tensor:
@@ -95,10 +95,16 @@ class RunningMoments(nn.Module):
         self._buffers["state"] = state.to(device)
         return self
 
-    def _check(self, x: torch.Tensor, mask: torch.Tensor | None, validate: bool, name: str, op: str) -> None:
+    def _check(
+        self, x: torch.Tensor, mask: torch.Tensor | None, validate: bool, name: str, op: str, clip: float | None = None
+    ) -> None:
+        """Every check of a call, before anything runs: the ops are then called unchecked
+        (``functional.backend``; their C++ checks stay as the last line)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"RunningMoments.{name}: x must be a tensor, got {type(x).__name__}")
-        _ops.check_moments_x(op, x, mask)  # shapes first: validation below indexes with the mask
+        check_moments_x(op, x, mask)  # shapes first: validation below indexes with the mask
+        if op != "moments":
+            check_moments_normalize(op, None if clip is None else float(clip), self.eps)
         if x.device != self.state.device:
             raise ValueError(
                 f"RunningMoments.{name}: x is on {x.device} but the state is on {self.state.device}; "
@@ -117,18 +123,9 @@ class RunningMoments(nn.Module):
                 )
 
     @staticmethod
-    def _var_std(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bessel-corrected (var, std) of a state or batch, both 1 below two samples or when
-        ``std <= eps``: the rule of ``reference.running_std`` and the kernels, decided on the std."""
-        n, one = s[0], torch.ones_like(s[0])
-        var = torch.where(n > 1, s[2] / (n - 1).clamp(min=1), one)
-        std = var.sqrt()
-        flat = std <= eps
-        return torch.where(flat, one, var), torch.where(flat, one, std)
-
-    @staticmethod
     def _mean_std(batch: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch[1].float(), RunningMoments._var_std(batch, eps)[1].float()
+        """Mean and std (``reference.running_var``'s rule: 1 below two samples or at most eps), fp32."""
+        return batch[1].float(), running_var(batch, eps).sqrt().float()
 
     @staticmethod
     def _combine(batches: torch.Tensor) -> torch.Tensor:
@@ -136,7 +133,7 @@ class RunningMoments(nn.Module):
         total = torch.zeros(4, dtype=torch.float64, device=batches.device)
         finite_only = batches.clone()
         finite_only[:, 3] = 0  # merge regardless; the non-finite count is carried over below
-        F.moments_merge_(total, finite_only)
+        F.backend().moments_merge_(total, finite_only)
         total[3] = batches[:, 3].sum()
         return total
 
@@ -148,9 +145,10 @@ class RunningMoments(nn.Module):
         batch's mean and Bessel-corrected std over all processes, as 0-d fp32 tensors (TRL returns
         Python floats, which cost a synchronisation each)."""
         self._check(x, mask, validate, "update", "moments")
-        batch = F.moments(x, mask)
+        ops = F.backend()
+        batch = ops.moments(x.detach(), mask)
         batches = self._gather(batch) if self._world_size() > 1 else batch[None]
-        F.moments_merge_(self.state, batches)
+        ops.moments_merge_(self.state, batches)
         return self._mean_std(self._combine(batches) if len(batches) > 1 else batch, self.eps)
 
     @torch.no_grad()
@@ -165,8 +163,12 @@ class RunningMoments(nn.Module):
     ) -> torch.Tensor:
         """``x / (std + eps)`` (``scale``), centred on the running mean first (``center``), then
         clipped to ``[-clip, clip]``; entries where ``mask`` is zero pass through. x's dtype."""
-        self._check(x, mask, False, "normalize", "moments_normalize")
-        return F.moments_normalize(x, self.state, mask, scale=scale, center=center, clip=clip, eps=self.eps)
+        self._check(x, mask, False, "normalize", "moments_normalize", clip)
+        return self._normalize(x, mask, scale, center, clip)
+
+    def _normalize(self, x, mask, scale, center, clip) -> torch.Tensor:
+        clip = None if clip is None else float(clip)
+        return F.backend().moments_normalize(x.detach(), mask, self.state, bool(scale), bool(center), clip, self.eps)
 
     @torch.no_grad()
     def update_normalize(
@@ -184,14 +186,15 @@ class RunningMoments(nn.Module):
         ``(normalised x, batch moments)``: the batch's float64 ``(count, mean, M2, non-finite)``,
         over all processes; ``batch_mean_std`` turns it into TRL's batch mean and std when they are
         logged (computing them here would cost launches on every step)."""
-        self._check(x, mask, validate, "update_normalize", "moments_update_normalize_")
+        self._check(x, mask, validate, "update_normalize", "moments_update_normalize_", clip)
+        ops = F.backend()
         if self._world_size() > 1:
-            batch = F.moments(x, mask)
+            batch = ops.moments(x.detach(), mask)
             batches = self._gather(batch)
-            F.moments_merge_(self.state, batches)
-            out = self.normalize(x, mask, scale=scale, center=center, clip=clip)
-            return out, self._combine(batches)
-        return F.moments_update_normalize_(self.state, x, mask, scale=scale, center=center, clip=clip, eps=self.eps)
+            ops.moments_merge_(self.state, batches)
+            return self._normalize(x, mask, scale, center, clip), self._combine(batches)
+        clip = None if clip is None else float(clip)
+        return ops.moments_update_normalize_(self.state, x.detach(), mask, bool(scale), bool(center), clip, self.eps)
 
     @staticmethod
     def batch_mean_std(batch: torch.Tensor, eps: float = MOMENTS_EPS) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,7 +62,7 @@ def _functional(op: str, args, use_fused: bool):
         return F.moments_merge_(*args, **kw)
     if op == "moments_normalize":
         x, mask, state, scale, center, clip, eps = args
-        return F.moments_normalize(x, state, mask, scale=scale, center=center, clip=clip, eps=eps, **kw)
+        return F.moments_normalize(x, mask, state, scale=scale, center=center, clip=clip, eps=eps, **kw)
     state, x, mask, scale, center, clip, eps = args
     return F.moments_update_normalize_(state, x, mask, scale=scale, center=center, clip=clip, eps=eps, **kw)
 
@@ -485,7 +485,7 @@ def test_normalize_non_finite_entries(device, rand):
     out = ops.moments_normalize(x, mask, state, True, True, 1.5, EPS).cpu()
     assert math.isnan(out[0, 0]) and out[0, 1].item() == 1.5 and out[0, 2].item() == -1.5
     assert math.isnan(out[1, 0]) and out[1, 1].item() == math.inf
-    eager = F.moments_normalize(x, state, mask, center=True, clip=1.5, use_fused=False).cpu()
+    eager = F.moments_normalize(x, mask, state, center=True, clip=1.5, use_fused=False).cpu()
     torch.testing.assert_close(out, eager, equal_nan=True)
 
 
@@ -761,7 +761,7 @@ def test_compile_fullgraph(device, rand, dynamo_reset, op):
     fns = {
         "moments": lambda s: (F.moments(x * 3.0, m),),
         "moments_merge_": lambda s: (F.moments_merge_(s, batches) + 0.0,),
-        "moments_normalize": lambda s: (F.moments_normalize(x - 1.0, s, m, center=True, clip=1.0),),
+        "moments_normalize": lambda s: (F.moments_normalize(x - 1.0, m, s, center=True, clip=1.0),),
     }
     fn = fns[op]
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -926,7 +926,7 @@ def test_functional_outputs_are_detached(rand):
     s = make_state(rand, "cpu")
     for use_fused in (True, False):
         assert not F.moments(x, use_fused=use_fused).requires_grad
-        assert not F.moments_normalize(x, s, use_fused=use_fused).requires_grad
+        assert not F.moments_normalize(x, None, s, use_fused=use_fused).requires_grad
         out, batch = F.moments_update_normalize_(s.clone(), x, use_fused=use_fused)
         assert not out.requires_grad and not batch.requires_grad
 
