@@ -137,12 +137,7 @@ class PPOTrainer:
     @staticmethod
     def _select_kernels(config: PPOConfig) -> bool:
         """``use_fused_kernels`` resolved (None: fused when the extension is built) and written back to the config."""
-        use_fused = F.fused_available() if config.use_fused_kernels is None else bool(config.use_fused_kernels)
-        if use_fused and not F.fused_available():
-            raise RuntimeError(
-                "PPOTrainer: use_fused_kernels=True but the ppo_fast extension is not available "
-                "(build it, or set use_fused_kernels=False for the eager reference)"
-            )
+        use_fused = F.resolve_fused(config.use_fused_kernels, "PPOTrainer", "use_fused_kernels")
         config.use_fused_kernels = use_fused
         return use_fused
 
@@ -436,6 +431,13 @@ class PPOTrainer:
         device = self.current_device
         rows, ratios = [], []
         use_ref = cfg.kl_loss_coef > 0
+        ops = F.backend(self.use_fused)
+        loss_scalars = (
+            float(cfg.cliprange), float(cfg.cliprange_value), float(cfg.vf_coef), float(cfg.kl_loss_coef),
+            cfg.kl_estimator, None if cfg.dual_clip is None else float(cfg.dual_clip),
+            None if cfg.log_ratio_clamp is None else float(cfg.log_ratio_clamp),
+            cfg.loss_aggregation, float(cfg.ratio_threshold),
+        )  # fmt: skip
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(bs).to(device)
             last_policykl = None
@@ -448,7 +450,8 @@ class PPOTrainer:
                     logits, _, vpreds = self.model(input_ids=ids, attention_mask=attention_mask[idx], use_cache=False)
                     logprob, entropy = self._logprobs(logits[:, :-1], ids[:, 1:], train=True)
                     del logits
-                    loss, st = F.ppo_loss(
+                    # Inputs built by the trainer: the op itself (its C++ checks remain), not functional's checks.
+                    loss, stats, _ = ops.ppo_loss(
                         logprob,
                         vpreds[:, :-1],
                         old_logprobs[idx],
@@ -457,16 +460,7 @@ class PPOTrainer:
                         rollout.returns[idx],
                         mb_mask,
                         ref_logprobs[idx] if use_ref else None,
-                        cliprange=cfg.cliprange,
-                        cliprange_value=cfg.cliprange_value,
-                        vf_coef=cfg.vf_coef,
-                        kl_coef=cfg.kl_loss_coef,
-                        kl_estimator=cfg.kl_estimator,
-                        dual_clip=cfg.dual_clip,
-                        log_ratio_clamp=cfg.log_ratio_clamp,
-                        aggregation=cfg.loss_aggregation,
-                        ratio_threshold=cfg.ratio_threshold,
-                        use_fused=self.use_fused,
+                        *loss_scalars,
                     )
                     self.accelerator.backward(loss)
                     if cfg.max_grad_norm is not None and self.accelerator.sync_gradients:
@@ -476,10 +470,10 @@ class PPOTrainer:
                 with torch.no_grad():
                     mbm = mb_mask.to(entropy.dtype)
                     ent = (entropy.detach() * mbm).sum() / mbm.sum().clamp(min=1)
-                    rows.append(torch.cat([st["_vector"].float(), ent.float()[None]]))
+                    rows.append(torch.cat([stats.float(), ent.float()[None]]))
                     # -1 marks padding (a ratio is never negative; exp can underflow to a real 0).
                     ratios.append(torch.where(mbm != 0, torch.exp(logprob.detach() - old_logprobs[idx]), -1.0))
-                last_policykl = st["_vector"][_POLICYKL]
+                last_policykl = stats[_POLICYKL]
             if cfg.early_stopping and self._early_stop(last_policykl):
                 break
         return torch.stack(rows), torch.cat(ratios)

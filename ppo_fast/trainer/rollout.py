@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ppo_fast import functional as F
+from ppo_fast.reference import WHITEN_EPS, bessel_var
 
 if TYPE_CHECKING:  # the trainer imports this module: the functions below only take one
     from ppo_fast.trainer.ppo_trainer import PPOTrainer
@@ -162,7 +163,7 @@ def forward(
         ref_logits = ref_logits[:, :-1]
         ref_logprobs.append(trainer._logprobs(ref_logits, labels, train=False))
         if full:
-            kls.append(F.full_kl(logits, ref_logits, use_fused=trainer.use_fused))
+            kls.append(F.backend(trainer.use_fused).full_kl(logits, ref_logits, 1.0))
             del logits
         del ref_logits
     kl_full = torch.cat(kls) if full else None
@@ -197,36 +198,28 @@ def advantages(
         logprobs, ref_logprobs, penalty = kl_full, torch.zeros_like(kl_full), "kl"
     else:
         penalty = cfg.kl_penalty
-    kl_coef = trainer.kl_ctl.value
+    kl_coef = float(trainer.kl_ctl.value)
+    # The inputs were built and checked by the trainer: the ops themselves (their C++ checks remain).
+    ops = F.backend(trainer.use_fused)
+    scores, values = scores.detach(), values.detach()
     if cfg.advantage_whitening == "global" and trainer.is_distributed:
-        rewards, non_score, kl = F.compute_rewards(
-            scores, logprobs, ref_logprobs, mask, kl_coef, penalty, use_fused=trainer.use_fused
-        )
+        rewards, non_score, kl = ops.compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, penalty)
         if cfg.whiten_rewards:
-            rewards = F.masked_whiten(rewards, mask, shift_mean=False, use_fused=trainer.use_fused) * mask
-        adv, returns = F.gae(values, rewards, mask, cfg.gamma, cfg.lam, use_fused=trainer.use_fused)
+            rewards = ops.masked_whiten(rewards, mask, False, WHITEN_EPS) * mask
+        adv, returns = ops.gae(values, rewards, mask, cfg.gamma, cfg.lam, False)
         adv = _global_whiten(trainer, adv, mask)
         return F.RolloutAdvantages(rewards, non_score, kl, adv, returns)
-    return F.rollout_advantages(
-        scores,
-        logprobs,
-        ref_logprobs,
-        values,
-        mask,
-        kl_coef,
-        penalty,
-        cfg.gamma,
-        cfg.lam,
-        whiten_rewards=cfg.whiten_rewards,
-        use_fused=trainer.use_fused,
+    out = ops.rollout_advantages(
+        scores, logprobs, ref_logprobs, values, mask, kl_coef, penalty, cfg.gamma, cfg.lam, cfg.whiten_rewards, False
     )
+    return F.RolloutAdvantages(*out)
 
 
 def _global_whiten(trainer: PPOTrainer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Whiten with the masked mean and Bessel-corrected variance of all processes' tokens."""
     state = torch.zeros(4, dtype=torch.float64, device=x.device)
-    batches = trainer.accelerator.gather(F.moments(x, mask, use_fused=trainer.use_fused)[None])
-    F.moments_merge_(state, batches, use_fused=trainer.use_fused)
-    n, mean = state[0], state[1]
-    var = torch.where(n > 1, state[2] / (n - 1).clamp(min=1), torch.ones_like(n))
-    return ((x.double() - mean) * torch.rsqrt(var + 1e-8)).to(x.dtype)
+    ops = F.backend(trainer.use_fused)
+    batches = trainer.accelerator.gather(ops.moments(x, mask)[None])
+    ops.moments_merge_(state, batches)
+    var = bessel_var(state[2], state[0], 1.0)  # as masked_whiten: 1 below two tokens
+    return ((x.double() - state[1]) * torch.rsqrt(var + WHITEN_EPS)).to(x.dtype)
