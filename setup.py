@@ -65,7 +65,12 @@ def _extension():
     with_cuda = _want_cuda()
     rel = lambda paths: sorted(os.path.relpath(p, HERE) for p in paths)
     csrc = os.path.join(HERE, "csrc")
-    sources = rel(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    # csrc/host: each op's entry points, compiled once and shared by both backends' kernels.
+    sources = rel(
+        glob.glob(os.path.join(csrc, "*.cpp"))
+        + glob.glob(os.path.join(csrc, "host", "*.cpp"))
+        + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
+    )
     cxx = ["-O3", "-fdiagnostics-color=always"]
     ldflags = []
     if sys.platform.startswith("linux"):

@@ -77,23 +77,23 @@ void update_block(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, floa
 // One 256-element block of tensor `tensor`: dequantise, step, requantise (8-bit state), or step
 // the fp32 momentum in place.
 template <typename scalar_t, bool kQuantized, bool kStochastic>
-void step_block(const Item& it, uint32_t tensor, int64_t block, const Step& s) {
-  const int64_t lo = block * kBlock, len = std::min<int64_t>(kBlock, it.p.numel() - lo);
-  scalar_t* p = it.p.data_ptr<scalar_t>() + lo;
-  const scalar_t* g = it.g.data_ptr<scalar_t>() + lo;
+void step_block(const TensorJob& it, int64_t block, const Step& s) {
+  const int64_t lo = block * kBlock, len = std::min<int64_t>(kBlock, it.numel - lo);
+  scalar_t* p = as<scalar_t>(it.p) + lo;
+  const scalar_t* g = as<scalar_t>(it.g) + lo;
   if constexpr (kQuantized) {
-    uint8_t* q = it.m.data_ptr<uint8_t>() + lo;
-    float* absmax = it.absmax.data_ptr<float>() + block;
+    uint8_t* q = as<uint8_t>(it.m) + lo;
+    float* absmax = it.absmax + block;
     float m[kBlock];
     dequantize_block(q, *absmax, s.tables->code, m, len);
-    update_block<scalar_t, kStochastic>(p, g, m, len, s, tensor, lo);
+    update_block<scalar_t, kStochastic>(p, g, m, len, s, it.index, lo);
     *absmax = quantize_block(m, len, s.tables->bucket, q);
   } else {
-    update_block<scalar_t, kStochastic>(p, g, it.m.data_ptr<float>() + lo, len, s, tensor, lo);
+    update_block<scalar_t, kStochastic>(p, g, as<float>(it.m) + lo, len, s, it.index, lo);
   }
 }
 
-using BlockFn = void (*)(const Item&, uint32_t, int64_t, const Step&);
+using BlockFn = void (*)(const TensorJob&, int64_t, const Step&);
 
 template <bool kQuantized>
 BlockFn block_fn(at::ScalarType dt, bool stochastic_rounding) {
@@ -108,36 +108,31 @@ BlockFn block_fn(at::ScalarType dt, bool stochastic_rounding) {
   }
 }
 
-void lion8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList absmax,
-                       double lr, double beta1, double beta2, double weight_decay, bool stochastic_rounding,
-                       int64_t seed) {
-  const char* op = "lion8bit_step_";
-  const std::vector<Item> items = check_inputs(op, params, grads, momentum, absmax, lr, beta1, beta2, weight_decay);
-  // first[t]: index of tensor t's first block in the list's block space.
-  std::vector<int64_t> first(items.size() + 1, 0);
-  std::vector<BlockFn> fns(items.size());
-  for (size_t t = 0; t < items.size(); ++t) {
-    first[t + 1] = first[t] + num_blocks(items[t].p.numel());
-    const at::ScalarType dt = items[t].p.scalar_type();
-    fns[t] = items[t].quantized ? block_fn<true>(dt, stochastic_rounding) : block_fn<false>(dt, stochastic_rounding);
+void step(const Job& job) {
+  const int64_t* first = job.first;
+  std::vector<BlockFn> fns(job.n_tensors);
+  for (int t = 0; t < job.n_tensors; ++t) {
+    const TensorJob& it = job.tensors[t];
+    fns[t] = it.quantized ? block_fn<true>(it.dtype, job.stochastic_rounding)
+                          : block_fn<false>(it.dtype, job.stochastic_rounding);
   }
-  const int64_t total = first.back();
-  if (total == 0) return;
-  const Step s{make_consts(lr, beta1, beta2, weight_decay), static_cast<uint32_t>(seed), &host_tables()};
+  const Step s{job.c, job.seed, &host_tables()};
   // 32 blocks (8192 elements) per grain: large enough to amortise the scheduling.
-  at::parallel_for(0, total, 32, [&](int64_t b0, int64_t b1) {
-    size_t t = std::upper_bound(first.begin(), first.end(), b0) - first.begin() - 1;
+  at::parallel_for(0, first[job.n_tensors], 32, [&](int64_t b0, int64_t b1) {
+    int t = static_cast<int>(std::upper_bound(first, first + job.n_tensors + 1, b0) - first) - 1;
     for (int64_t b = b0; b < b1; ++b) {
       while (b >= first[t + 1]) ++t;
-      fns[t](items[t], static_cast<uint32_t>(t), b - first[t], s);
+      fns[t](job.tensors[t], b - first[t], s);
     }
   });
 }
 
+constexpr Kernels kCpu{&step};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ppo_fast, CPU, m) {
-  m.impl("lion8bit_step_", &lion8bit_step_cpu);
+  m.impl("lion8bit_step_", bound<&lion8bit_step_, kCpu>);
 }
 
 }  // namespace lion8bit

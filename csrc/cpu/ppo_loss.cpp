@@ -1,11 +1,9 @@
 // CPU kernels for the clipped PPO loss: loss = agg(max(-A r, -A clip(r))) + vf_coef agg(vf) + kl_coef agg(kl).
 // Rows run in parallel, each accumulating fp64 partials over groups of 8 tokens (ppo_loss.h);
 // the rows are then merged in index order, so the result does not depend on the thread count.
+#include <ppo_fast/cpu_common.h>
 #include <ppo_fast/ppo_loss.h>
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -45,52 +43,27 @@ struct Rows {
 };
 
 template <typename scalar_t, typename mask_t>
-Rows<scalar_t, mask_t> rows_of(const Tensors& t) {
-  return {t.logprobs.size(0),
-          t.logprobs.size(1),
-          t.logprobs.data_ptr<scalar_t>(),
-          t.vpreds.data_ptr<scalar_t>(),
-          t.old_logprobs.data_ptr<scalar_t>(),
-          t.old_values.data_ptr<scalar_t>(),
-          t.advantages.data_ptr<scalar_t>(),
-          t.returns.data_ptr<scalar_t>(),
-          t.ref.defined() ? t.ref.data_ptr<scalar_t>() : nullptr,
-          t.mask.data_ptr<mask_t>()};
+Rows<scalar_t, mask_t> rows_of(const Job& j) {
+  return {j.B,
+          j.T,
+          as<scalar_t>(j.logp),
+          as<scalar_t>(j.v),
+          as<scalar_t>(j.old),
+          as<scalar_t>(j.v_old),
+          as<scalar_t>(j.adv),
+          as<scalar_t>(j.ret),
+          as<scalar_t>(j.ref),
+          as<mask_t>(j.mask)};
 }
 
-template <typename F>
-void dispatch(const at::Tensor& x, const at::Tensor& mask, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ppo_fast_ppo_loss", [&] {
-    if (mask.scalar_type() == at::kBool) {
-      f(scalar_t{}, bool{});
-    } else {
-      f(scalar_t{}, scalar_t{});
-    }
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_cpu(
-    const at::Tensor& logprobs, const at::Tensor& vpreds, const at::Tensor& old_logprobs,
-    const at::Tensor& old_values, const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
-    const std::optional<at::Tensor>& ref_logprobs, double cliprange, double cliprange_value, double vf_coef,
-    double kl_coef, c10::string_view kl_estimator, std::optional<double> dual_clip,
-    std::optional<double> log_ratio_clamp, c10::string_view aggregation, double ratio_threshold) {
-  const char* op = "ppo_loss";
-  const Params p = check_params(op, cliprange, cliprange_value, vf_coef, kl_coef, std::string(kl_estimator), dual_clip,
-                                log_ratio_clamp);
-  const int agg_mode = parse_aggregation(op, std::string(aggregation));
-  check_ratio_threshold(op, ratio_threshold);
-  const Tensors t =
-      check_inputs(op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, kl_coef);
-  const int64_t B = logprobs.size(0);
-  // Loss, stats and row scales in the accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck).
-  const auto acc = logprobs.options().dtype(logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor stats = at::empty({kNumStats}, acc), scale = at::empty({B}, acc), loss = at::empty({}, acc);
-  dispatch(t.logprobs, t.mask, [&](auto s, auto mk) {
+void forward(const Job& job) {
+  const int64_t B = job.B;
+  cpu::dispatch(job.dtype, job.mask_bool, [&](auto s, auto mk) {
     using scalar_t = decltype(s);
     using mask_t = decltype(mk);
     using acc_t = at::opmath_type<scalar_t>;
-    const auto rows = rows_of<scalar_t, mask_t>(t);
+    const auto rows = rows_of<scalar_t, mask_t>(job);
+    const Params& p = job.p;
     std::vector<double> parts(B * kNumParts, 0.0);
     at::parallel_for(0, B, std::max<int64_t>(1, 4096 / rows.T), [&](int64_t b0, int64_t b1) {
       acc_t lp[kGroup], vp[kGroup], o[kGroup], vo[kGroup], a[kGroup], r[kGroup], rf[kGroup];
@@ -109,47 +82,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_cpu(
     for (int64_t b = 0; b < B; ++b) {
       const double* row = &parts[b * kNumParts];
       merge_parts(tot, row);
-      row_contribution(row, agg_mode, agg);
+      row_contribution(row, job.aggregation, agg);
       nonempty += row[kN] > 0 ? 1 : 0;
     }
-    acc_t* st = stats.data_ptr<acc_t>();
-    finalize(tot, agg, nonempty, agg_mode, vf_coef, kl_coef, ratio_threshold, st);
-    acc_t* sc = scale.data_ptr<acc_t>();
-    for (int64_t b = 0; b < B; ++b) sc[b] = row_scale(parts[b * kNumParts + kN], st, agg_mode);
-    *loss.data_ptr<acc_t>() = st[sLossTotal];
+    acc_t* st = as<acc_t>(job.stats);
+    finalize(tot, agg, nonempty, job.aggregation, job.vf_coef, p.kl_coef, job.ratio_threshold, st);
+    acc_t* sc = as<acc_t>(job.row_scale);
+    for (int64_t b = 0; b < B; ++b) sc[b] = row_scale(parts[b * kNumParts + kN], st, job.aggregation);
+    *as<acc_t>(job.loss) = st[sLossTotal];
   });
-  return {loss, stats, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor> ppo_loss_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& row_scale_t, const at::Tensor& logprobs, const at::Tensor& vpreds,
-    const at::Tensor& old_logprobs, const at::Tensor& old_values, const at::Tensor& advantages,
-    const at::Tensor& returns, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs, double cliprange,
-    double cliprange_value, double vf_coef, double kl_coef, c10::string_view kl_estimator,
-    std::optional<double> dual_clip, std::optional<double> log_ratio_clamp) {
-  const char* op = "ppo_loss_backward";
-  const Params p = check_params(op, cliprange, cliprange_value, vf_coef, kl_coef, std::string(kl_estimator), dual_clip,
-                                log_ratio_clamp);
-  const Tensors t =
-      check_inputs(op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, kl_coef);
-  const int64_t B = logprobs.size(0), T = logprobs.size(1);
-  TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ",
-              check::shape_str(grad_loss));
-  TORCH_CHECK(row_scale_t.dim() == 1 && row_scale_t.size(0) == B, op, ": row_scale must be [B] with B = ", B,
-              ", got ", check::shape_str(row_scale_t));
-  const auto acc_type = logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor scale = row_scale_t.to(acc_type).contiguous(), g_t = grad_loss.to(acc_type).reshape({});
-  at::Tensor d_logp = at::empty_like(t.logprobs), d_v = at::empty_like(t.logprobs);
-  dispatch(t.logprobs, t.mask, [&](auto s, auto mk) {
+void backward(const Job& job) {
+  const int64_t B = job.B, T = job.T;
+  cpu::dispatch(job.dtype, job.mask_bool, [&](auto s, auto mk) {
     using scalar_t = decltype(s);
     using mask_t = decltype(mk);
     using acc_t = at::opmath_type<scalar_t>;
-    const auto rows = rows_of<scalar_t, mask_t>(t);
-    const acc_t* sc = scale.data_ptr<acc_t>();
-    const acc_t g = *g_t.data_ptr<acc_t>();
-    scalar_t* gl = d_logp.data_ptr<scalar_t>();
-    scalar_t* gv = d_v.data_ptr<scalar_t>();
-    const acc_t vfc = static_cast<acc_t>(vf_coef);
+    const auto rows = rows_of<scalar_t, mask_t>(job);
+    const Params& p = job.p;
+    const acc_t* sc = as<acc_t>(job.row_scale_in);
+    const acc_t g = *as<acc_t>(job.grad_loss);
+    scalar_t* gl = as<scalar_t>(job.d_logp);
+    scalar_t* gv = as<scalar_t>(job.d_v);
+    const acc_t vfc = static_cast<acc_t>(job.vf_coef);
     at::parallel_for(0, B, std::max<int64_t>(1, 4096 / T), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const acc_t w = g * sc[b];
@@ -167,14 +123,15 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_backward_cpu(
       }
     });
   });
-  return {d_logp, d_v};
 }
+
+constexpr Kernels kCpu{&forward, &backward};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ppo_fast, CPU, m) {
-  m.impl("ppo_loss", &ppo_loss_cpu);
-  m.impl("ppo_loss_backward", &ppo_loss_backward_cpu);
+  m.impl("ppo_loss", bound<&ppo_loss, kCpu>);
+  m.impl("ppo_loss_backward", bound<&ppo_loss_backward, kCpu>);
 }
 
 }  // namespace ppo_loss

@@ -184,51 +184,44 @@ int dtype_code(at::ScalarType dt) {
   return dt == at::kBFloat16 ? 1 : (dt == at::kHalf ? 2 : 0);
 }
 
-void lion8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList absmax,
-                        double lr, double beta1, double beta2, double weight_decay, bool stochastic_rounding,
-                        int64_t seed) {
-  const char* op = "lion8bit_step_";
-  const std::vector<Item> items = check_inputs(op, params, grads, momentum, absmax, lr, beta1, beta2, weight_decay);
-  std::vector<int64_t> rows, first{0};
-  for (size_t i = 0; i < items.size(); ++i) {
-    const Item& it = items[i];
-    const int64_t n = it.p.numel();
-    if (n == 0) continue;
-    const size_t es = it.p.element_size();
-    const bool vec = aligned(it.p.data_ptr(), es * kItems) && aligned(it.g.data_ptr(), es * kItems) &&
-                     aligned(it.m.data_ptr(), it.m.element_size() * kItems);
-    const int64_t kind = dtype_code(it.p.scalar_type()) | (it.quantized ? kQuantBit : 0) | (vec ? kVecBit : 0);
-    const int64_t row[kFields] = {reinterpret_cast<int64_t>(it.p.data_ptr()),
-                                  reinterpret_cast<int64_t>(it.g.data_ptr()),
-                                  reinterpret_cast<int64_t>(it.m.data_ptr()),
-                                  it.quantized ? reinterpret_cast<int64_t>(it.absmax.data_ptr()) : 0,
-                                  n,
+void step(const Job& job) {
+  std::vector<int64_t> rows;
+  rows.reserve(size_t(job.n_tensors) * kFields);
+  for (int t = 0; t < job.n_tensors; ++t) {
+    const TensorJob& it = job.tensors[t];
+    const size_t es = c10::elementSize(it.dtype);
+    const bool vec = aligned(it.p, es * kItems) && aligned(it.g, es * kItems) &&
+                     aligned(it.m, (it.quantized ? 1 : sizeof(float)) * kItems);
+    const int64_t kind = dtype_code(it.dtype) | (it.quantized ? kQuantBit : 0) | (vec ? kVecBit : 0);
+    const int64_t row[kFields] = {reinterpret_cast<int64_t>(it.p),
+                                  reinterpret_cast<int64_t>(it.g),
+                                  reinterpret_cast<int64_t>(it.m),
+                                  reinterpret_cast<int64_t>(it.absmax),
+                                  it.numel,
                                   kind,
-                                  static_cast<int64_t>(i)};
+                                  static_cast<int64_t>(it.index)};
     rows.insert(rows.end(), row, row + kFields);
-    first.push_back(first.back() + num_blocks(n));
   }
-  const int T = static_cast<int>(first.size()) - 1;
-  if (T == 0) return;
-  const at::Device device = params[0].device();
+  const size_t n_first = size_t(job.n_tensors) + 1;
+  const at::Device device(at::kCUDA, job.device);
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor& tables = device_tables(device);
   // The table travels in one pinned, asynchronous copy on the launch stream; the caching host
   // allocator keeps the pinned block until the copy has run.
-  at::Tensor host = at::empty({static_cast<int64_t>(rows.size() + first.size())},
+  at::Tensor host = at::empty({static_cast<int64_t>(rows.size() + n_first)},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::memcpy(host.data_ptr<int64_t>(), rows.data(), rows.size() * sizeof(int64_t));
-  std::memcpy(host.data_ptr<int64_t>() + rows.size(), first.data(), first.size() * sizeof(int64_t));
+  std::memcpy(host.data_ptr<int64_t>() + rows.size(), job.first, n_first * sizeof(int64_t));
   const at::Tensor table = host.to(device, /*non_blocking=*/true);
 
   Args a{};
   a.table = table.data_ptr<int64_t>();
   a.first = a.table + rows.size();
-  a.T = T;
-  a.blocks = first.back();
-  a.c = make_consts(lr, beta1, beta2, weight_decay);
-  a.stochastic = stochastic_rounding;
-  a.seed = static_cast<uint32_t>(seed);
+  a.T = job.n_tensors;
+  a.blocks = job.first[job.n_tensors];
+  a.c = job.c;
+  a.stochastic = job.stochastic_rounding;
+  a.seed = job.seed;
   const uint8_t* tb = tables.data_ptr<uint8_t>();
   a.code = reinterpret_cast<const float*>(tb + offsetof(HostTables, code));
   a.bucket = reinterpret_cast<const uint32_t*>(tb + offsetof(HostTables, bucket));
@@ -240,10 +233,12 @@ void lion8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+constexpr Kernels kCuda{&step};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ppo_fast, CUDA, m) {
-  m.impl("lion8bit_step_", &lion8bit_step_cuda);
+  m.impl("lion8bit_step_", bound<&lion8bit_step_, kCuda>);
 }
 
 }  // namespace lion8bit

@@ -22,23 +22,12 @@ using namespace ppo_fast::cuda;
 
 constexpr int kThreads = 256;
 
+// Whether every row of r starts aligned for kItems-wide vector loads and V is a multiple of kItems.
 template <typename scalar_t>
-struct Rows {
-  const scalar_t* base;
-  int64_t T, V, sb, st;
-  bool vec;  // every row starts 16-byte aligned and V is a multiple of kItems
-  __device__ const scalar_t* row(int64_t r) const {
-    return base + (r / T) * sb + (r % T) * st;
-  }
-};
-
-template <typename scalar_t>
-Rows<scalar_t> rows_of(const at::Tensor& x) {
-  Rows<scalar_t> r{x.data_ptr<scalar_t>(), x.size(1), x.size(2), x.stride(0), x.stride(1), false};
+bool vec_rows(const Rows& r) {
   const size_t w = sizeof(scalar_t) * kItems;
-  r.vec = r.V % kItems == 0 && aligned(r.base, w) && (r.sb * sizeof(scalar_t)) % w == 0 &&
-          (r.st * sizeof(scalar_t)) % w == 0;
-  return r;
+  return r.V % kItems == 0 && aligned(r.base, w) && (r.sb * sizeof(scalar_t)) % w == 0 &&
+         (r.st * sizeof(scalar_t)) % w == 0;
 }
 
 using OnlineF = Online<float>;
@@ -118,11 +107,11 @@ __device__ OnlineF row_online(const scalar_t* x, int64_t V, bool vec, float inv_
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const Rows<scalar_t> rows, const int64_t* __restrict__ labels, float inv_t,
+    forward_kernel(const Rows rows, bool vec, const int64_t* __restrict__ labels, float inv_t,
                    float* __restrict__ logprob, float* __restrict__ entropy, float* __restrict__ lse) {
   const int64_t r = blockIdx.x;
-  const scalar_t* x = rows.row(r);
-  const OnlineF o = row_online(x, rows.V, rows.vec, inv_t);
+  const scalar_t* x = rows.row<scalar_t>(r);
+  const OnlineF o = row_online(x, rows.V, vec, inv_t);
   if (threadIdx.x == 0) {
     float log_s, l, h;
     online_finish(o, log_s, l, h);
@@ -137,19 +126,18 @@ __global__ void __launch_bounds__(kThreads)
 // out may be the logits themselves (in place): no __restrict__ on the rows.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const Rows<scalar_t> rows, const int64_t* __restrict__ labels, float inv_t,
+    backward_kernel(const Rows rows, bool vec, const int64_t* __restrict__ labels, float inv_t,
                     const float* __restrict__ g_lp, const float* __restrict__ g_h, const float* __restrict__ lse,
-                    const float* __restrict__ entropy, const Rows<scalar_t> out) {
+                    const float* __restrict__ entropy, const Rows out, bool out_vec) {
   const int64_t r = blockIdx.x;
-  const scalar_t* x = rows.row(r);
-  scalar_t* o = const_cast<scalar_t*>(out.row(r));
-  const bool out_vec = out.vec;
+  const scalar_t* x = rows.row<scalar_t>(r);
+  scalar_t* o = const_cast<scalar_t*>(out.row<scalar_t>(r));
   const float a = g_lp[r] * inv_t, c = g_h ? g_h[r] * inv_t : 0.f;  // chain rule through z = x / t
   const float l = lse[r], h = entropy[r];
   const int64_t y = labels[r];
   for (int64_t j0 = int64_t(threadIdx.x) * kItems; j0 < rows.V; j0 += int64_t(kThreads) * kItems) {
     float z[kItems], d[kItems];
-    load_z(x, j0, rows.V, rows.vec, inv_t, z);
+    load_z(x, j0, rows.V, vec, inv_t, z);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) d[i] = grad_z<float>(z[i], j0 + i == y, l, h, a, c);
     store_items(o, j0, rows.V, out_vec, d);
@@ -160,10 +148,9 @@ __global__ void __launch_bounds__(kThreads)
 // step with z's running sum (same max, same rescaling).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    full_kl_kernel(const Rows<scalar_t> zr, const Rows<scalar_t> rr, float inv_t, float* __restrict__ kl) {
+    full_kl_kernel(const Rows zr, const Rows rr, bool vec, float inv_t, float* __restrict__ kl) {
   const int64_t row = blockIdx.x;
-  const scalar_t *x = zr.row(row), *q = rr.row(row);
-  const bool vec = zr.vec && rr.vec;
+  const scalar_t *x = zr.row<scalar_t>(row), *q = rr.row<scalar_t>(row);
   OnlineF oz = online_init<float>(), orr = online_init<float>();
   float acc = 0.f;  // sum exp(z - m_z) (z - r), rescaled whenever m_z grows
   for (int64_t j0 = int64_t(threadIdx.x) * kItems; j0 < zr.V; j0 += int64_t(kThreads) * kItems) {
@@ -191,97 +178,52 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in,
-                                                             double temperature) {
-  const char* op = "logprobs";
-  check_temperature(op, temperature);
-  const at::Tensor logits = check_logits(op, "logits", logits_in);
-  const at::Tensor labels = check_labels(op, labels_in, logits);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t B = logits.size(0), T = logits.size(1);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor logprob = at::empty({B, T}, f32), entropy = at::empty({B, T}, f32), lse = at::empty({B, T}, f32);
-  const float inv_t = static_cast<float>(1.0 / temperature);
-  dispatch(op, logits, logits, [&](auto s, auto) {
+// ---------------------------------------------------------------------------------------------
+// Host side: one block per row, on the current stream of the job's device.
+
+void forward(const Job& job) {
+  const c10::cuda::CUDAGuard guard(job.device);
+  dispatch(job.op, job.dtype, [&](auto s) {
     using scalar_t = decltype(s);
-    forward_kernel<<<B * T, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        rows_of<scalar_t>(logits), labels.data_ptr<int64_t>(), inv_t, logprob.data_ptr<float>(),
-        entropy.data_ptr<float>(), lse.data_ptr<float>());
+    forward_kernel<scalar_t><<<job.B * job.T, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        job.logits, vec_rows<scalar_t>(job.logits), job.labels, static_cast<float>(job.inv_t),
+        as<float>(job.logprob), as<float>(job.entropy), as<float>(job.lse));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {logprob, entropy, lse};
 }
 
-// The gradient into a new tensor, or (inplace) into the logits' own storage: each element is read,
-// then overwritten by the same thread.
-at::Tensor backward_impl(const char* op, const at::Tensor& grad_logprob, const std::optional<at::Tensor>& grad_entropy,
-                         const at::Tensor& logits_in, const at::Tensor& labels_in, const at::Tensor& lse,
-                         const at::Tensor& entropy, double temperature, bool inplace) {
-  check_temperature(op, temperature);
-  TORCH_CHECK(!inplace || logits_in.dim() != 3 || logits_in.stride(2) == 1, op,
-              ": logits must have a contiguous last dimension to take its gradient in place");
-  const at::Tensor logits = check_logits(op, "logits", logits_in);
-  const at::Tensor labels = check_labels(op, labels_in, logits);
-  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
-  check_backward_inputs(op, logits, grad_logprob, grad_entropy, lse, entropy);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor g_lp = grad_logprob.to(at::kFloat).contiguous(), ls = lse.to(at::kFloat).contiguous();
-  const at::Tensor ent = entropy.to(at::kFloat).contiguous();
-  const at::Tensor g_h = grad_entropy ? grad_entropy->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor grad = inplace ? logits : at::empty({B, T, V}, logits.options());
-  const float inv_t = static_cast<float>(1.0 / temperature);
-  dispatch(op, logits, logits, [&](auto s, auto) {
+void backward(const Job& job) {
+  const c10::cuda::CUDAGuard guard(job.device);
+  dispatch(job.op, job.dtype, [&](auto s) {
     using scalar_t = decltype(s);
-    const auto out_rows = rows_of<scalar_t>(grad);
-    backward_kernel<<<B * T, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        rows_of<scalar_t>(logits), labels.data_ptr<int64_t>(), inv_t, g_lp.data_ptr<float>(),
-        g_h.defined() ? g_h.data_ptr<float>() : nullptr, ls.data_ptr<float>(), ent.data_ptr<float>(), out_rows);
+    backward_kernel<scalar_t><<<job.B * job.T, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        job.logits, vec_rows<scalar_t>(job.logits), job.labels, static_cast<float>(job.inv_t),
+        as<float>(job.grad_logprob), as<float>(job.grad_entropy), as<float>(job.lse), as<float>(job.entropy),
+        job.grad, vec_rows<scalar_t>(job.grad));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return grad;
 }
 
-at::Tensor logprobs_backward_cuda(const at::Tensor& grad_logprob, const std::optional<at::Tensor>& grad_entropy,
-                                  const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                                  const at::Tensor& entropy, double temperature) {
-  return backward_impl("logprobs_backward", grad_logprob, grad_entropy, logits, labels, lse, entropy, temperature,
-                       false);
-}
-
-void logprobs_backward_inplace_cuda(at::Tensor& logits, const at::Tensor& grad_logprob,
-                                    const std::optional<at::Tensor>& grad_entropy, const at::Tensor& labels,
-                                    const at::Tensor& lse, const at::Tensor& entropy, double temperature) {
-  backward_impl("logprobs_backward_", grad_logprob, grad_entropy, logits, labels, lse, entropy, temperature, true);
-}
-
-at::Tensor full_kl_cuda(const at::Tensor& logits_in, const at::Tensor& ref_in, double temperature) {
-  const char* op = "full_kl";
-  check_temperature(op, temperature);
-  const at::Tensor logits = check_logits(op, "logits", logits_in);
-  const at::Tensor ref = check_logits(op, "ref_logits", ref_in);
-  check::same_device(op, "ref_logits", ref, "logits", logits);
-  check::same_shape(op, "ref_logits", ref, "logits", logits);
-  check::same_dtype(op, "ref_logits", ref, "logits", logits);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t B = logits.size(0), T = logits.size(1);
-  at::Tensor kl = at::empty({B, T}, logits.options().dtype(at::kFloat));
-  const float inv_t = static_cast<float>(1.0 / temperature);
-  dispatch(op, logits, logits, [&](auto s, auto) {
+void full_kl_rows(const Job& job) {
+  const c10::cuda::CUDAGuard guard(job.device);
+  dispatch(job.op, job.dtype, [&](auto s) {
     using scalar_t = decltype(s);
-    full_kl_kernel<<<B * T, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        rows_of<scalar_t>(logits), rows_of<scalar_t>(ref), inv_t, kl.data_ptr<float>());
+    full_kl_kernel<scalar_t><<<job.B * job.T, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        job.logits, job.ref_logits, vec_rows<scalar_t>(job.logits) && vec_rows<scalar_t>(job.ref_logits),
+        static_cast<float>(job.inv_t), as<float>(job.kl));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return kl;
 }
+
+constexpr Kernels kCuda{&forward, &backward, &full_kl_rows};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ppo_fast, CUDA, m) {
-  m.impl("logprobs", &logprobs_cuda);
-  m.impl("logprobs_backward", &logprobs_backward_cuda);
-  m.impl("logprobs_backward_", &logprobs_backward_inplace_cuda);
-  m.impl("full_kl", &full_kl_cuda);
+  m.impl("logprobs", bound<&logprobs, kCuda>);
+  m.impl("logprobs_backward", bound<&logprobs_backward, kCuda>);
+  m.impl("logprobs_backward_", bound<&logprobs_backward_, kCuda>);
+  m.impl("full_kl", bound<&full_kl, kCuda>);
 }
 
 }  // namespace logprobs

@@ -2,7 +2,7 @@
 // x -> clip((x - mean?) / (std + eps)), std taken as 1 below two samples or when std <= eps.
 //
 // Update + normalise + clip is two launches and no host synchronisation:
-//   1. partials_kernel: per fixed chunk of kChunk elements, fp64 Welford moments of the counted
+//   1. partials_kernel: per fixed chunk of kMomentChunk elements, fp64 Welford moments of the counted
 //      finite entries (and a count of non-finite ones); block 0 also copies the old state, so the
 //      next launch can rewrite the state without a race.
 //   2. normalize_kernel: every block merges the chunk partials in one fixed order (identical bits
@@ -23,7 +23,6 @@ namespace {
 using namespace ppo_fast::cuda;
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 8192;
 
 template <typename mask_t>
 __device__ __forceinline__ bool counted(const mask_t* mask, int64_t i) {
@@ -59,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(const scalar_t* __re
                                                             const mask_t* __restrict__ mask, int64_t N,
                                                             const double* __restrict__ old_state,
                                                             double* __restrict__ parts) {
-  const int64_t lo = int64_t(blockIdx.x) * kChunk, hi = min(N, lo + kChunk);
+  const int64_t lo = int64_t(blockIdx.x) * kMomentChunk, hi = min(N, lo + kMomentChunk);
   Part p{0, 0, 0, 0};
   for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
     if (!counted(mask, i)) continue;
@@ -158,113 +157,79 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename mask_t>
-const mask_t* mask_ptr(const at::Tensor& mask) {
-  return mask.defined() ? mask.data_ptr<mask_t>() : nullptr;
-}
+// ---------------------------------------------------------------------------------------------
+// Host side: launches on the current stream of the job's device.
 
-int64_t chunks_of(int64_t N) {
-  return (N + kChunk - 1) / kChunk;
-}
-
+// Normalises x into out with state_in, or (parts given) with the old state in parts[0] merged with
+// the batch of parts[1..1+P), writing the new state and the batch.
 template <typename scalar_t, typename mask_t>
-void launch_normalize(const at::Tensor& x, const at::Tensor& mask, at::Tensor& out, const double* state_in,
-                      const double* parts, int64_t P, double* state_out, double* batch_out, const Normalize& p) {
-  const int64_t N = x.numel();
-  const mask_t* m = mask_ptr<mask_t>(mask);
-  const bool vec = aligned(x.data_ptr(), sizeof(scalar_t) * kItems) && aligned(out.data_ptr(), sizeof(scalar_t) * kItems) &&
+void launch_normalize(const Job& job, const double* state_in, const double* parts, int64_t P, double* state_out,
+                      double* batch_out) {
+  const int64_t N = job.N;
+  const mask_t* m = as<mask_t>(job.mask);
+  const bool vec = aligned(job.x, sizeof(scalar_t) * kItems) && aligned(job.out, sizeof(scalar_t) * kItems) &&
                    aligned(m, sizeof(mask_t) * kItems);
   const int64_t work = (N + int64_t(kThreads) * kItems - 1) / (int64_t(kThreads) * kItems);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // Each block first merges all the partials: keep the grid near the number of resident blocks.
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(work, sms * 4));
   normalize_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      x.data_ptr<scalar_t>(), m, out.data_ptr<scalar_t>(), N, state_in, parts, P, state_out, batch_out, p, vec);
+      as<scalar_t>(job.x), m, as<scalar_t>(job.out), N, state_in, parts, P, state_out, batch_out, job.p, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The chunk partials of x, [1 + P, kSlots]; row 0 is a copy of old_state when given.
 template <typename scalar_t, typename mask_t>
-at::Tensor launch_partials(const at::Tensor& x, const at::Tensor& mask, const double* old_state) {
-  const int64_t P = chunks_of(x.numel());
-  at::Tensor parts = at::empty({1 + P, kSlots}, x.options().dtype(at::kDouble));
+at::Tensor launch_partials(const Job& job, const double* old_state) {
+  const int64_t P = num_chunks(job.N);
+  at::Tensor parts = at::empty({1 + P, kSlots}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA, job.device));
   partials_kernel<<<P, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      x.data_ptr<scalar_t>(), mask_ptr<mask_t>(mask), x.numel(), old_state, parts.data_ptr<double>());
+      as<scalar_t>(job.x), as<mask_t>(job.mask), job.N, old_state, parts.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return parts;
 }
 
-at::Tensor moments_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in) {
-  const char* op = "moments";
-  const at::Tensor mask = check_x(op, x_in, mask_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty({kSlots}, x.options().dtype(at::kDouble));
-  dispatch(op, x, mask.defined() ? mask : x, [&](auto s, auto mk) {
-    using scalar_t = decltype(s);
-    using mask_t = decltype(mk);
-    const at::Tensor parts = launch_partials<scalar_t, mask_t>(x, mask, nullptr);
+void moments_pass(const Job& job) {
+  const c10::cuda::CUDAGuard guard(job.device);
+  dispatch(job.op, job.dtype, job.mask_bool, [&](auto s, auto mk) {
+    const at::Tensor parts = launch_partials<decltype(s), decltype(mk)>(job, nullptr);
     reduce_kernel<<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(parts.data_ptr<double>(), parts.size(0) - 1,
-                                                                         out.data_ptr<double>());
+                                                                         job.batch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
 }
 
-void moments_merge_cuda(at::Tensor& state, const at::Tensor& batches) {
-  const char* op = "moments_merge_";
-  check_batches(op, state, batches);
-  const c10::cuda::CUDAGuard guard(state.device());
-  const at::Tensor b = batches.contiguous();
-  merge_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(state.data_ptr<double>(), b.data_ptr<double>(),
-                                                             b.size(0));
+void merge_pass(const Job& job) {
+  const c10::cuda::CUDAGuard guard(job.device);
+  merge_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(job.state, job.batches, job.n_batches);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor moments_normalize_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& mask_in,
-                                  const at::Tensor& state, bool scale, bool center, std::optional<double> clip,
-                                  double eps) {
-  const char* op = "moments_normalize";
-  const at::Tensor mask = check_x(op, x_in, mask_in);
-  check_state(op, state, x_in);
-  const Normalize p = check_normalize(op, scale, center, clip, eps);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty_like(x);
-  dispatch(op, x, mask.defined() ? mask : x, [&](auto s, auto mk) {
-    using scalar_t = decltype(s);
-    using mask_t = decltype(mk);
-    launch_normalize<scalar_t, mask_t>(x, mask, out, state.data_ptr<double>(), nullptr, 0, nullptr, nullptr, p);
+void normalize_pass(const Job& job) {
+  const c10::cuda::CUDAGuard guard(job.device);
+  dispatch(job.op, job.dtype, job.mask_bool, [&](auto s, auto mk) {
+    launch_normalize<decltype(s), decltype(mk)>(job, job.state, nullptr, 0, nullptr, nullptr);
   });
-  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> moments_update_normalize_cuda(at::Tensor& state, const at::Tensor& x_in,
-                                                                 const std::optional<at::Tensor>& mask_in, bool scale,
-                                                                 bool center, std::optional<double> clip, double eps) {
-  const char* op = "moments_update_normalize_";
-  const at::Tensor mask = check_x(op, x_in, mask_in);
-  check_state(op, state, x_in);
-  const Normalize p = check_normalize(op, scale, center, clip, eps);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty_like(x), batch = at::empty({kSlots}, x.options().dtype(at::kDouble));
-  dispatch(op, x, mask.defined() ? mask : x, [&](auto s, auto mk) {
-    using scalar_t = decltype(s);
-    using mask_t = decltype(mk);
-    const at::Tensor parts = launch_partials<scalar_t, mask_t>(x, mask, state.data_ptr<double>());
-    launch_normalize<scalar_t, mask_t>(x, mask, out, nullptr, parts.data_ptr<double>(), parts.size(0) - 1,
-                                       state.data_ptr<double>(), batch.data_ptr<double>(), p);
+void update_normalize_pass(const Job& job) {
+  const c10::cuda::CUDAGuard guard(job.device);
+  dispatch(job.op, job.dtype, job.mask_bool, [&](auto s, auto mk) {
+    const at::Tensor parts = launch_partials<decltype(s), decltype(mk)>(job, job.state);
+    launch_normalize<decltype(s), decltype(mk)>(job, nullptr, parts.data_ptr<double>(), parts.size(0) - 1, job.state,
+                                                job.batch);
   });
-  return {out, batch};
 }
+
+constexpr Kernels kCuda{&moments_pass, &merge_pass, &normalize_pass, &update_normalize_pass};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ppo_fast, CUDA, m) {
-  m.impl("moments", &moments_cuda);
-  m.impl("moments_merge_", &moments_merge_cuda);
-  m.impl("moments_normalize", &moments_normalize_cuda);
-  m.impl("moments_update_normalize_", &moments_update_normalize_cuda);
+  m.impl("moments", bound<&moments, kCuda>);
+  m.impl("moments_merge_", bound<&moments_merge_, kCuda>);
+  m.impl("moments_normalize", bound<&moments_normalize, kCuda>);
+  m.impl("moments_update_normalize_", bound<&moments_update_normalize_, kCuda>);
 }
 
 }  // namespace moments

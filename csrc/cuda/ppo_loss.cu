@@ -28,29 +28,26 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kChunk = 4 * 32 * kItems;  // tokens per warp work item (4 passes of 256)
 constexpr int kFinalizeThreads = 256;  // one block; 1024 threads would cap registers at 64 and spill
 
-template <typename scalar_t, typename mask_t>
-struct Args {
-  int64_t B, T, C;  // C chunks per row
-  bool vec;
-  const scalar_t *logp, *v, *old, *v_old, *adv, *ret, *ref;  // ref may be null
-  const mask_t* mask;
-  Params p;
-};
+// Chunks of kChunk tokens per row: a warp's work item.
+inline int64_t chunks_of(int64_t T) {
+  return (T + kChunk - 1) / kChunk;
+}
 
+// vec: every [B, T] pointer of the job is aligned for kItems-wide vector accesses.
 template <typename scalar_t, typename mask_t>
-__device__ __forceinline__ void load_token_items(const Args<scalar_t, mask_t>& a, int64_t o, int64_t t0,
-                                                 float (&lp)[kItems], float (&v)[kItems], float (&old)[kItems],
-                                                 float (&v_old)[kItems], float (&adv)[kItems], float (&ret)[kItems],
-                                                 float (&ref)[kItems], bool (&m)[kItems]) {
-  load_mask(a.mask + o, t0, a.T, a.vec, m);
-  load_items(a.logp + o, t0, a.T, a.vec, lp, 0.f);
-  load_items(a.v + o, t0, a.T, a.vec, v, 0.f);
-  load_items(a.old + o, t0, a.T, a.vec, old, 0.f);
-  load_items(a.v_old + o, t0, a.T, a.vec, v_old, 0.f);
-  load_items(a.adv + o, t0, a.T, a.vec, adv, 0.f);
-  load_items(a.ret + o, t0, a.T, a.vec, ret, 0.f);
+__device__ __forceinline__ void load_token_items(const Job& a, bool vec, int64_t o, int64_t t0, float (&lp)[kItems],
+                                                 float (&v)[kItems], float (&old)[kItems], float (&v_old)[kItems],
+                                                 float (&adv)[kItems], float (&ret)[kItems], float (&ref)[kItems],
+                                                 bool (&m)[kItems]) {
+  load_mask(as<mask_t>(a.mask) + o, t0, a.T, vec, m);
+  load_items(as<scalar_t>(a.logp) + o, t0, a.T, vec, lp, 0.f);
+  load_items(as<scalar_t>(a.v) + o, t0, a.T, vec, v, 0.f);
+  load_items(as<scalar_t>(a.old) + o, t0, a.T, vec, old, 0.f);
+  load_items(as<scalar_t>(a.v_old) + o, t0, a.T, vec, v_old, 0.f);
+  load_items(as<scalar_t>(a.adv) + o, t0, a.T, vec, adv, 0.f);
+  load_items(as<scalar_t>(a.ret) + o, t0, a.T, vec, ret, 0.f);
   if (a.ref) {
-    load_items(a.ref + o, t0, a.T, a.vec, ref, 0.f);
+    load_items(as<scalar_t>(a.ref) + o, t0, a.T, vec, ref, 0.f);
   } else {
 #pragma unroll
     for (int i = 0; i < kItems; ++i) ref[i] = 0.f;
@@ -58,12 +55,13 @@ __device__ __forceinline__ void load_token_items(const Args<scalar_t, mask_t>& a
 }
 
 template <typename scalar_t, typename mask_t>
-__global__ void __launch_bounds__(kThreads) partials_kernel(const Args<scalar_t, mask_t> a, float* __restrict__ parts) {
+__global__ void __launch_bounds__(kThreads)
+    partials_kernel(const Job a, int64_t C, bool vec, float* __restrict__ parts) {
   const int lane = threadIdx.x & 31;
   const int64_t w = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  const int64_t P = a.B * a.C;
+  const int64_t P = a.B * C;
   if (w >= P) return;  // whole warps leave together
-  const int64_t b = w / a.C, c = w % a.C, o = b * a.T;
+  const int64_t b = w / C, c = w % C, o = b * a.T;
   float part[kNumParts];
 #pragma unroll
   for (int k = 0; k < kNumParts; ++k) part[k] = 0.f;
@@ -72,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(const Args<scalar_t,
     if (t0 >= a.T) break;
     float lp[kItems], v[kItems], old[kItems], v_old[kItems], adv[kItems], ret[kItems], ref[kItems];
     bool m[kItems];
-    load_token_items(a, o, t0, lp, v, old, v_old, adv, ret, ref, m);
+    load_token_items<scalar_t, mask_t>(a, vec, o, t0, lp, v, old, v_old, adv, ret, ref, m);
     accumulate<kItems, float, float>(lp, v, old, v_old, adv, ret, ref, m, a.p, part);
   }
   // Fixed-order tree over the lanes: lane 0 ends with the warp's partial.
@@ -161,20 +159,20 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
 template <typename scalar_t, typename mask_t>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const Args<scalar_t, mask_t> a, const float* __restrict__ grad_loss,
+    backward_kernel(const Job a, int64_t C, bool vec, const float* __restrict__ grad_loss,
                     const float* __restrict__ row_scale, float vf_coef, scalar_t* __restrict__ d_logp,
                     scalar_t* __restrict__ d_v) {
   const int lane = threadIdx.x & 31;
   const int64_t w = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (w >= a.B * a.C) return;
-  const int64_t b = w / a.C, c = w % a.C, o = b * a.T;
+  if (w >= a.B * C) return;
+  const int64_t b = w / C, c = w % C, o = b * a.T;
   const float scale = *grad_loss * row_scale[b];
   for (int pass = 0; pass < kChunk / (32 * kItems); ++pass) {
     const int64_t t0 = c * kChunk + (int64_t(pass) * 32 + lane) * kItems;
     if (t0 >= a.T) break;
     float lp[kItems], v[kItems], old[kItems], v_old[kItems], adv[kItems], ret[kItems], ref[kItems];
     bool m[kItems];
-    load_token_items(a, o, t0, lp, v, old, v_old, adv, ret, ref, m);
+    load_token_items<scalar_t, mask_t>(a, vec, o, t0, lp, v, old, v_old, adv, ret, ref, m);
     float gl[kItems], gv[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
@@ -183,108 +181,65 @@ __global__ void __launch_bounds__(kThreads)
       gl[i] = dl * scale;
       gv[i] = dv * scale;
     }
-    store_items(d_logp + o, t0, a.T, a.vec, gl);
-    store_items(d_v + o, t0, a.T, a.vec, gv);
+    store_items(d_logp + o, t0, a.T, vec, gl);
+    store_items(d_v + o, t0, a.T, vec, gv);
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Host side: launches on the current stream of the job's device.
+
 template <typename scalar_t, typename mask_t>
-Args<scalar_t, mask_t> make_args(const Tensors& t, const Params& p) {
-  Args<scalar_t, mask_t> a{};
-  a.B = t.logprobs.size(0);
-  a.T = t.logprobs.size(1);
-  a.C = (a.T + kChunk - 1) / kChunk;
-  a.logp = t.logprobs.data_ptr<scalar_t>();
-  a.v = t.vpreds.data_ptr<scalar_t>();
-  a.old = t.old_logprobs.data_ptr<scalar_t>();
-  a.v_old = t.old_values.data_ptr<scalar_t>();
-  a.adv = t.advantages.data_ptr<scalar_t>();
-  a.ret = t.returns.data_ptr<scalar_t>();
-  a.ref = t.ref.defined() ? t.ref.data_ptr<scalar_t>() : nullptr;
-  a.mask = t.mask.data_ptr<mask_t>();
-  a.p = p;
+bool vec_of(const Job& a) {
   const size_t bytes = sizeof(scalar_t) * kItems;
-  a.vec = a.T % kItems == 0 && aligned(a.mask, sizeof(mask_t) * kItems) && aligned(a.logp, bytes) &&
-          aligned(a.v, bytes) && aligned(a.old, bytes) && aligned(a.v_old, bytes) && aligned(a.adv, bytes) &&
-          aligned(a.ret, bytes) && aligned(a.ref, bytes);
-  return a;
+  return a.T % kItems == 0 && aligned(a.mask, sizeof(mask_t) * kItems) && aligned(a.logp, bytes) &&
+         aligned(a.v, bytes) && aligned(a.old, bytes) && aligned(a.v_old, bytes) && aligned(a.adv, bytes) &&
+         aligned(a.ret, bytes) && aligned(a.ref, bytes);
 }
 
 int64_t work_blocks(int64_t B, int64_t C) {
   return (B * C + kWarps - 1) / kWarps;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_cuda(
-    const at::Tensor& logprobs, const at::Tensor& vpreds, const at::Tensor& old_logprobs,
-    const at::Tensor& old_values, const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
-    const std::optional<at::Tensor>& ref_logprobs, double cliprange, double cliprange_value, double vf_coef,
-    double kl_coef, c10::string_view kl_estimator, std::optional<double> dual_clip,
-    std::optional<double> log_ratio_clamp, c10::string_view aggregation, double ratio_threshold) {
-  const char* op = "ppo_loss";
-  const Params p = check_params(op, cliprange, cliprange_value, vf_coef, kl_coef, std::string(kl_estimator), dual_clip,
-                                log_ratio_clamp);
-  const int agg_mode = parse_aggregation(op, std::string(aggregation));
-  check_ratio_threshold(op, ratio_threshold);
-  const Tensors t =
-      check_inputs(op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, kl_coef);
-  const c10::cuda::CUDAGuard guard(logprobs.device());
-  const int64_t B = logprobs.size(0), T = logprobs.size(1), C = (T + kChunk - 1) / kChunk;
-  const auto f32 = logprobs.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({}, f32), stats = at::empty({kNumStats}, f32), scale = at::empty({B}, f32);
-  at::Tensor parts = at::empty({kNumParts, B * C}, f32);
+void forward(const Job& job) {
+  const c10::cuda::CUDAGuard guard(job.device);
+  const int64_t B = job.B, C = chunks_of(job.T);
+  const at::Tensor parts =
+      at::empty({kNumParts, B * C}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, job.device));
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch(op, t.logprobs, t.mask, [&](auto s, auto mk) {
+  dispatch(job.op, job.dtype, job.mask_bool, [&](auto s, auto mk) {
     using scalar_t = decltype(s);
     using mask_t = decltype(mk);
-    const auto a = make_args<scalar_t, mask_t>(t, p);
-    partials_kernel<<<work_blocks(B, C), kThreads, 0, stream>>>(a, parts.data_ptr<float>());
+    partials_kernel<scalar_t, mask_t><<<work_blocks(B, C), kThreads, 0, stream>>>(job, C, vec_of<scalar_t, mask_t>(job),
+                                                                                  parts.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(parts.data_ptr<float>(), B, C, agg_mode, vf_coef, kl_coef,
-                                                      ratio_threshold, loss.data_ptr<float>(), stats.data_ptr<float>(),
-                                                      scale.data_ptr<float>());
+  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(parts.data_ptr<float>(), B, C, job.aggregation, job.vf_coef,
+                                                      job.p.kl_coef, job.ratio_threshold, as<float>(job.loss),
+                                                      as<float>(job.stats), as<float>(job.row_scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, stats, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor> ppo_loss_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& row_scale_t, const at::Tensor& logprobs, const at::Tensor& vpreds,
-    const at::Tensor& old_logprobs, const at::Tensor& old_values, const at::Tensor& advantages,
-    const at::Tensor& returns, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs, double cliprange,
-    double cliprange_value, double vf_coef, double kl_coef, c10::string_view kl_estimator,
-    std::optional<double> dual_clip, std::optional<double> log_ratio_clamp) {
-  const char* op = "ppo_loss_backward";
-  const Params p = check_params(op, cliprange, cliprange_value, vf_coef, kl_coef, std::string(kl_estimator), dual_clip,
-                                log_ratio_clamp);
-  const Tensors t =
-      check_inputs(op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, kl_coef);
-  const int64_t B = logprobs.size(0), T = logprobs.size(1), C = (T + kChunk - 1) / kChunk;
-  TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ",
-              check::shape_str(grad_loss));
-  TORCH_CHECK(row_scale_t.dim() == 1 && row_scale_t.size(0) == B, op, ": row_scale must be [B] with B = ", B,
-              ", got ", check::shape_str(row_scale_t));
-  check::same_device(op, "grad_loss", grad_loss, "logprobs", logprobs);
-  check::same_device(op, "row_scale", row_scale_t, "logprobs", logprobs);
-  const c10::cuda::CUDAGuard guard(logprobs.device());
-  const at::Tensor g = grad_loss.to(at::kFloat).contiguous(), scale = row_scale_t.to(at::kFloat).contiguous();
-  at::Tensor d_logp = at::empty_like(t.logprobs), d_v = at::empty_like(t.logprobs);
-  dispatch(op, t.logprobs, t.mask, [&](auto s, auto mk) {
+void backward(const Job& job) {
+  const c10::cuda::CUDAGuard guard(job.device);
+  const int64_t C = chunks_of(job.T);
+  dispatch(job.op, job.dtype, job.mask_bool, [&](auto s, auto mk) {
     using scalar_t = decltype(s);
     using mask_t = decltype(mk);
-    const auto a = make_args<scalar_t, mask_t>(t, p);
-    backward_kernel<<<work_blocks(B, C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        a, g.data_ptr<float>(), scale.data_ptr<float>(), static_cast<float>(vf_coef), d_logp.data_ptr<scalar_t>(),
-        d_v.data_ptr<scalar_t>());
+    backward_kernel<scalar_t, mask_t><<<work_blocks(job.B, C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        job, C, vec_of<scalar_t, mask_t>(job), as<float>(job.grad_loss), as<float>(job.row_scale_in),
+        static_cast<float>(job.vf_coef), as<scalar_t>(job.d_logp), as<scalar_t>(job.d_v));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {d_logp, d_v};
 }
+
+constexpr Kernels kCuda{&forward, &backward};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ppo_fast, CUDA, m) {
-  m.impl("ppo_loss", &ppo_loss_cuda);
-  m.impl("ppo_loss_backward", &ppo_loss_backward_cuda);
+  m.impl("ppo_loss", bound<&ppo_loss, kCuda>);
+  m.impl("ppo_loss_backward", bound<&ppo_loss_backward, kCuda>);
 }
 
 }  // namespace ppo_loss

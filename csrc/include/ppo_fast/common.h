@@ -1,14 +1,39 @@
-// Shared host-side argument checks and the small numeric helpers every op uses.
-// Every message starts with the op's name and says what was expected and what came.
+// What every op shares: the numeric helpers of the kernels, the job plumbing between the host
+// entry points (csrc/host/) and the backends, and the host-side argument checks. Every message
+// starts with the op's name and says what was expected and what came.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 namespace ppo_fast {
+
+// TRL's masked_whiten epsilon: whitening divides by sqrt(var + kWhitenEps).
+constexpr double kWhitenEps = 1e-8;
+
+// The device's exp and log on the GPU, the C++ library's on the CPU.
+template <typename T>
+C10_HOST_DEVICE inline T exp_(T x) {
+#ifdef __CUDA_ARCH__
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T log_(T x) {
+#ifdef __CUDA_ARCH__
+  return ::log(x);
+#else
+  return std::log(x);
+#endif
+}
 
 // Welford/Chan moments of a set of numbers: count, mean and the sum of squared deviations M2.
 // Merging two sets is Chan et al.'s parallel formula (1979), which never forms sum(x^2) and so
@@ -34,6 +59,14 @@ C10_HOST_DEVICE inline Moments<T> moments_merge(Moments<T> a, Moments<T> b) {
   return {n, mean, a.m2 + b.m2 + delta * delta * a.n * wb};
 }
 
+// Elements per moment partial. Fixed, so that partials merged in a fixed order give results that
+// do not depend on the thread count (CPU) or the grid (CUDA).
+constexpr int64_t kMomentChunk = 8192;
+
+C10_HOST_DEVICE constexpr int64_t num_chunks(int64_t n) {
+  return (n + kMomentChunk - 1) / kMomentChunk;
+}
+
 // Mean and Bessel-corrected variance. With fewer than two samples the variance is undefined
 // (TRL raises for zero and returns NaN for one); here it is taken as 1 so that whitening is a
 // plain centring and never poisons a batch with NaN or a division by zero.
@@ -42,6 +75,41 @@ C10_HOST_DEVICE inline void moments_finalize(Moments<T> m, T& mean, T& var) {
   mean = m.n > T(0) ? m.mean : T(0);
   var = m.n > T(1) ? m.m2 / (m.n - T(1)) : T(1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Jobs. An op's host entry point (csrc/host/<op>.cpp, compiled once) checks its arguments, makes
+// its inputs usable, allocates its outputs and fills one plain job struct (<op>.h: raw pointers,
+// sizes, scalars, the dtype; usable on the device as a kernel argument), then hands it to the
+// backend's kernels: a table of functions that each backend file fills, which loop over the job
+// (csrc/cpu) or launch on it (csrc/cuda).
+
+// A job's tensor pointer as the type its backend reads.
+template <typename T>
+C10_HOST_DEVICE inline const T* as(const void* p) {
+  return static_cast<const T*>(p);
+}
+template <typename T>
+C10_HOST_DEVICE inline T* as(void* p) {
+  return static_cast<T*>(p);
+}
+
+// The accumulation dtype of a job's outputs and scratch: fp32, or fp64 for fp64 inputs (CPU gradcheck).
+inline at::ScalarType acc_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// bound<&entry, kKernels> is the host entry point `R entry(const Kernels&, Args...)` with one
+// backend's kernel table filled in: the plain function of Args... that m.impl() registers.
+template <auto Entry, const auto& K>
+struct Bound;
+template <typename R, typename Kernels, typename... Args, R (*Entry)(const Kernels&, Args...), const Kernels& K>
+struct Bound<Entry, K> {
+  static R fn(Args... args) {
+    return Entry(K, std::forward<Args>(args)...);
+  }
+};
+template <auto Entry, const auto& K>
+constexpr auto bound = &Bound<Entry, K>::fn;
 
 namespace check {
 

@@ -1,6 +1,8 @@
-// Device-side helpers shared by the CUDA kernels: vectorised loads and stores of kItems contiguous
-// elements, mask reads, and the host-side dtype dispatch (fp32, bf16, fp16; bool or same-dtype mask).
+// What the CUDA kernels share: vectorised loads and stores of kItems contiguous elements, mask
+// reads, and the host-side dtype dispatch of a job (fp32, bf16, fp16; bool or same-dtype mask).
 #pragma once
+
+#include <ppo_fast/common.h>
 
 #include <ATen/ATen.h>
 
@@ -76,30 +78,33 @@ inline bool aligned(const void* p, size_t bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-template <typename scalar_t, typename F>
-void dispatch_mask(const at::Tensor& mask, F& f) {
-  if (mask.scalar_type() == at::kBool) {
-    f(scalar_t{}, bool{});
-  } else {
-    f(scalar_t{}, scalar_t{});
+// Calls f(scalar_t{}) for a job's dtype. Float64 is a CPU-only dtype (gradcheck); it is not
+// compiled for the GPU.
+template <typename F>
+void dispatch(const char* op, at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(at::BFloat16{});
+    case at::kHalf:
+      return f(at::Half{});
+    default:
+      TORCH_CHECK(false, op, ": CUDA tensors must be float32, bfloat16 or float16 (float64 runs on the CPU), got ",
+                  dtype);
   }
 }
 
-// Calls f(scalar_t{}, mask_t{}) with the mask read as bool or as the values' dtype. Float64 is a
-// CPU-only dtype (gradcheck); it is not compiled for the GPU.
+// Calls f(scalar_t{}, mask_t{}) with the mask read as bool or as the values' dtype.
 template <typename F>
-void dispatch(const char* op, const at::Tensor& x, const at::Tensor& mask, F&& f) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return dispatch_mask<float>(mask, f);
-    case at::kBFloat16:
-      return dispatch_mask<at::BFloat16>(mask, f);
-    case at::kHalf:
-      return dispatch_mask<at::Half>(mask, f);
-    default:
-      TORCH_CHECK(false, op, ": CUDA tensors must be float32, bfloat16 or float16 (float64 runs on the CPU), got ",
-                  x.scalar_type());
-  }
+void dispatch(const char* op, at::ScalarType dtype, bool mask_bool, F&& f) {
+  dispatch(op, dtype, [&](auto s) {
+    if (mask_bool) {
+      f(s, bool{});
+    } else {
+      f(s, s);
+    }
+  });
 }
 
 }  // namespace cuda

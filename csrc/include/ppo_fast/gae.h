@@ -9,7 +9,7 @@
 #include <ppo_fast/common.h>
 
 #include <cmath>
-#include <string>
+#include <tuple>
 
 namespace ppo_fast {
 namespace gae {
@@ -100,51 +100,75 @@ C10_HOST_DEVICE inline acc_t whiten(acc_t x, acc_t mean, acc_t rstd, bool shift_
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-side argument checks, shared by the CPU and CUDA entry points.
+// The job: one description of every pass of the rollout ops, filled by the host entry points
+// (csrc/host/gae.cpp) and run by a backend's kernels. Tensors are contiguous; the [B, T] ones
+// (and x, out) are of `dtype`, the mask bool or `dtype`. A null output is not computed.
+// Moment partials ("parts") are [n, 3] (count, mean, M2) in the backend's Kernels::parts_dtype.
+struct Job {
+  const char* op;
+  c10::DeviceIndex device;
+  at::ScalarType dtype;
+  bool mask_bool;
+  const void* mask;
+  int64_t B, T, N;  // rows (B x T = N elements); masked_whiten: N elements of any shape
+  // Rows pass, rewards: read (rewards_in), or computed from the KL penalty of (logprobs,
+  // ref_logprobs) with scores [B] (in the accumulation dtype) added at each row's last unmasked token.
+  const void* rewards_in;
+  const void* scores;
+  const void* logprobs;
+  const void* ref_logprobs;
+  double kl_coef;
+  int kl_mode;
+  void* rewards_out;
+  void* non_score_out;
+  void* kl_out;
+  // Rows pass, GAE (runs when values is set).
+  const void* values;
+  double gamma, lam;
+  bool carry_masked;
+  const void* reward_parts;  // whiten the rewards (moments merged from these parts) before the scan
+  int64_t n_reward_parts;
+  void* adv_out;      // advantages in dtype
+  void* adv_acc;      // or in the accumulation dtype, for the whitening pass
+  void* returns_out;  // (needed when values is set)
+  void* row_moments;  // [B, 3] parts: per row, of the advantages (GAE) or of the rewards as stored
+  // Moments pass: one part per kMomentChunk elements of moments_in (dtype) over the mask.
+  const void* moments_in;
+  void* moments_out;
+  // Whitening pass: whiten_out (dtype) = whiten(whiten_in) with the moments merged from whiten_parts.
+  const void* whiten_in;  // of dtype, or of the accumulation dtype (whiten_in_acc); may be whiten_out
+  bool whiten_in_acc;
+  void* whiten_out;
+  const void* whiten_parts;
+  int64_t n_whiten_parts;
+  bool shift_mean;
+  double eps;
+};
 
-inline int parse_kl_penalty(const char* op, const std::string& s) {
-  if (s == "kl") return kKl;
-  if (s == "abs") return kAbs;
-  if (s == "mse") return kMse;
-  if (s == "k3") return kK3;
-  TORCH_CHECK(s != "full", op,
-              ": kl_penalty='full' needs the full vocabulary KL, computed from logits; pass it as logprobs with "
-              "ref_logprobs of zeros and kl_penalty='kl'");
-  TORCH_CHECK(false, op, ": kl_penalty must be one of 'kl', 'abs', 'mse', 'k3', got '", s, "'");
-  return kKl;
-}
+// A backend's kernels: each runs one pass of a job.
+struct Kernels {
+  at::ScalarType parts_dtype;
+  void (*rows)(const Job&);
+  void (*moments)(const Job&);
+  void (*whiten)(const Job&);
+};
 
-// [B, T] float tensors of one dtype and device; returns the mask in a dtype the kernels read.
-inline at::Tensor check_bt(const char* op, const at::Tensor& first, const char* first_name,
-                           std::initializer_list<std::pair<const char*, const at::Tensor*>> others,
-                           const at::Tensor& mask) {
-  check::rank(op, first_name, first, 2, "[B, T]");
-  check::floating(op, first_name, first);
-  check::nonempty(op, first_name, first);
-  for (const auto& [name, t] : others) {
-    check::same_device(op, name, *t, first_name, first);
-    check::rank(op, name, *t, 2, "[B, T]");
-    check::floating(op, name, *t);
-    check::same_shape(op, name, *t, first_name, first);
-    check::same_dtype(op, name, *t, first_name, first);
-  }
-  return check::mask(op, mask, first_name, first);
-}
-
-inline void check_scores(const char* op, const at::Tensor& scores, const at::Tensor& logprobs) {
-  check::same_device(op, "scores", scores, "logprobs", logprobs);
-  check::floating(op, "scores", scores);
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == logprobs.size(0), op,
-              ": scores must be 1-D [B] with B = logprobs.size(0) = ", logprobs.size(0), ", got shape ",
-              check::shape_str(scores));
-}
-
-inline void check_gae_scalars(const char* op, double gamma, double lam) {
-  check::finite(op, "gamma", gamma);
-  check::finite(op, "lam", lam);
-  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, op, ": gamma must be in [0, 1], got ", gamma);
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, op, ": lam must be in [0, 1], got ", lam);
-}
+// The entry points (csrc/host/gae.cpp), one per op of the schema; a backend registers them with
+// its kernels bound (common.h: bound).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compute_rewards(const Kernels& k, const at::Tensor& scores,
+                                                               const at::Tensor& logprobs,
+                                                               const at::Tensor& ref_logprobs, const at::Tensor& mask,
+                                                               double kl_coef, c10::string_view kl_penalty);
+std::tuple<at::Tensor, at::Tensor> gae(const Kernels& k, const at::Tensor& values, const at::Tensor& rewards,
+                                       const at::Tensor& mask, double gamma, double lam, bool carry_masked);
+at::Tensor masked_whiten(const Kernels& k, const at::Tensor& x, const at::Tensor& mask, bool shift_mean, double eps);
+std::tuple<at::Tensor, at::Tensor> compute_advantages(const Kernels& k, const at::Tensor& values,
+                                                      const at::Tensor& rewards, const at::Tensor& mask, double gamma,
+                                                      double lam, bool whiten_rewards, bool carry_masked);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rollout_advantages(
+    const Kernels& k, const at::Tensor& scores, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+    const at::Tensor& values, const at::Tensor& mask, double kl_coef, c10::string_view kl_penalty, double gamma,
+    double lam, bool whiten_rewards, bool carry_masked);
 
 }  // namespace gae
 }  // namespace ppo_fast

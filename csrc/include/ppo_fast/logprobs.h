@@ -16,27 +16,11 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <tuple>
 
 namespace ppo_fast {
 namespace logprobs {
-
-template <typename T>
-C10_HOST_DEVICE inline T exp_(T x) {
-#ifdef __CUDA_ARCH__
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-template <typename T>
-C10_HOST_DEVICE inline T log_(T x) {
-#ifdef __CUDA_ARCH__
-  return ::log(x);
-#else
-  return std::log(x);
-#endif
-}
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -131,47 +115,57 @@ C10_HOST_DEVICE inline T grad_z(T z, bool is_label, T lse, T entropy, T g_lp, T 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-side checks.
+// The job, filled by the host entry points (csrc/host/logprobs.cpp) and run by a backend's kernels.
 
-// logits [B, T, V] with a contiguous last dimension; returns it with that guaranteed (a copy only
-// when the last stride is not 1).
-inline at::Tensor check_logits(const char* op, const char* name, const at::Tensor& logits) {
-  check::rank(op, name, logits, 3, "[B, T, V]");
-  check::floating(op, name, logits);
-  check::nonempty(op, name, logits);
-  return logits.stride(2) == 1 ? logits : logits.contiguous();
-}
+// A [B, T, V] tensor with a contiguous last dimension, as B * T rows of V entries.
+struct Rows {
+  const void* base;
+  int64_t T, V, sb, st;  // strides of b and t
 
-inline at::Tensor check_labels(const char* op, const at::Tensor& labels, const at::Tensor& logits) {
-  check::same_device(op, "labels", labels, "logits", logits);
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
-              ": labels must be int64 or int32, got ", labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1), op,
-              ": labels must be [B, T] = [", logits.size(0), ", ", logits.size(1), "] to match logits ",
-              check::shape_str(logits), ", got ", check::shape_str(labels));
-  return labels.to(at::kLong).contiguous();
-}
-
-// The [B, T] side inputs of the backward: grad_logprob, lse, entropy and (optional) grad_entropy.
-inline void check_backward_inputs(const char* op, const at::Tensor& logits, const at::Tensor& grad_logprob,
-                                  const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse,
-                                  const at::Tensor& entropy) {
-  const int64_t B = logits.size(0), T = logits.size(1);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_logprob", &grad_logprob},
-                                {"lse", &lse},
-                                {"entropy", &entropy},
-                                {"grad_entropy", grad_entropy ? &*grad_entropy : nullptr}}) {
-    if (t == nullptr) continue;
-    check::same_device(op, name, *t, "logits", logits);
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == T, op, ": ", name, " must be [B, T] = [", B, ", ",
-                T, "], got ", check::shape_str(*t));
+  template <typename scalar_t>
+  C10_HOST_DEVICE const scalar_t* row(int64_t r) const {
+    return as<scalar_t>(base) + (r / T) * sb + (r % T) * st;
   }
-}
+};
 
-inline void check_temperature(const char* op, double temperature) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be finite and > 0, got ",
-              temperature);
-}
+struct Job {
+  const char* op;
+  c10::DeviceIndex device;
+  at::ScalarType dtype;  // of the logits
+  int64_t B, T, V;
+  double inv_t;  // 1 / temperature
+  Rows logits;
+  Rows ref_logits;  // full_kl
+  Rows grad;        // backward: the gradient w.r.t. the logits (in place: the logits themselves)
+  const int64_t* labels;  // [B, T]
+  // [B, T] in the accumulation dtype (fp32, or fp64 for fp64 logits): written by the forward
+  // (logprob, entropy, lse) and full_kl (kl); read by the backward (entropy, lse, the gradients).
+  void* logprob;
+  void* entropy;
+  void* lse;
+  void* kl;
+  const void* grad_logprob;
+  const void* grad_entropy;  // may be null
+};
+
+// A backend's kernels, one per kind of pass over the rows.
+struct Kernels {
+  void (*forward)(const Job&);
+  void (*backward)(const Job&);
+  void (*full_kl)(const Job&);
+};
+
+// The entry points (csrc/host/logprobs.cpp), one per op of the schema.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs(const Kernels& k, const at::Tensor& logits,
+                                                        const at::Tensor& labels, double temperature);
+at::Tensor logprobs_backward(const Kernels& k, const at::Tensor& grad_logprob,
+                             const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                             const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
+                             double temperature);
+void logprobs_backward_(const Kernels& k, at::Tensor& logits, const at::Tensor& grad_logprob,
+                        const std::optional<at::Tensor>& grad_entropy, const at::Tensor& labels, const at::Tensor& lse,
+                        const at::Tensor& entropy, double temperature);
+at::Tensor full_kl(const Kernels& k, const at::Tensor& logits, const at::Tensor& ref_logits, double temperature);
 
 }  // namespace logprobs
 }  // namespace ppo_fast

@@ -8,6 +8,8 @@
 #include <ppo_fast/common.h>
 
 #include <cmath>
+#include <optional>
+#include <tuple>
 
 namespace ppo_fast {
 namespace moments {
@@ -77,38 +79,41 @@ C10_HOST_DEVICE inline T normalize(T x, T shift, T mul, const Normalize& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-side checks.
+// The job, filled by the host entry points (csrc/host/moments.cpp) and run by a backend's kernels.
 
-// x of any shape (at least one element), mask optional with x's shape; returns the mask in a
-// dtype the kernels read (bool or x's dtype), undefined when absent.
-inline at::Tensor check_x(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& mask) {
-  check::floating(op, "x", x);
-  check::nonempty(op, "x", x);
-  if (!mask) return at::Tensor();
-  return check::mask(op, *mask, "x", x);
-}
+struct Job {
+  const char* op;
+  c10::DeviceIndex device;
+  at::ScalarType dtype;  // of x and out
+  bool mask_bool;        // mask is bool, else of dtype
+  const void* x;
+  const void* mask;  // may be null: every entry counts
+  int64_t N;
+  void* out;      // the normalised x (masked-out entries pass through)
+  double* state;  // [kSlots] running state: read by the normalisation, merged into by the updates
+  double* batch;  // [kSlots] a batch's moments (moments, moments_update_normalize_)
+  const double* batches;  // [n_batches, kSlots] (moments_merge_)
+  int64_t n_batches;
+  Normalize p;
+};
 
-inline void check_state(const char* op, const at::Tensor& state, const at::Tensor& x) {
-  check::same_device(op, "state", state, "x", x);
-  TORCH_CHECK(state.scalar_type() == at::kDouble && state.dim() == 1 && state.size(0) == kSlots, op,
-              ": state must be float64 [4] (count, mean, M2, rejected), got ", state.scalar_type(), " ",
-              check::shape_str(state));
-  TORCH_CHECK(state.is_contiguous(), op, ": state must be contiguous");
-}
+// A backend's kernels, one per op of the schema.
+struct Kernels {
+  void (*moments)(const Job&);
+  void (*merge)(const Job&);
+  void (*normalize)(const Job&);
+  void (*update_normalize)(const Job&);
+};
 
-inline void check_batches(const char* op, const at::Tensor& state, const at::Tensor& batches) {
-  check_state(op, state, state);
-  check::same_device(op, "batches", batches, "state", state);
-  TORCH_CHECK(batches.scalar_type() == at::kDouble && batches.dim() == 2 && batches.size(1) == kSlots, op,
-              ": batches must be float64 [K, 4] (count, mean, M2, non-finite per batch), got ", batches.scalar_type(),
-              " ", check::shape_str(batches));
-}
-
-inline Normalize check_normalize(const char* op, bool scale, bool center, std::optional<double> clip, double eps) {
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
-  if (clip) TORCH_CHECK(!std::isnan(*clip) && *clip > 0, op, ": clip must be > 0 (or None), got ", *clip);
-  return Normalize{scale, center, clip.has_value(), clip.value_or(0.0), eps};
-}
+// The entry points (csrc/host/moments.cpp).
+at::Tensor moments(const Kernels& k, const at::Tensor& x, const std::optional<at::Tensor>& mask);
+void moments_merge_(const Kernels& k, at::Tensor& state, const at::Tensor& batches);
+at::Tensor moments_normalize(const Kernels& k, const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                             const at::Tensor& state, bool scale, bool center, std::optional<double> clip,
+                             double eps);
+std::tuple<at::Tensor, at::Tensor> moments_update_normalize_(const Kernels& k, at::Tensor& state, const at::Tensor& x,
+                                                             const std::optional<at::Tensor>& mask, bool scale,
+                                                             bool center, std::optional<double> clip, double eps);
 
 }  // namespace moments
 }  // namespace ppo_fast

@@ -10,22 +10,14 @@
 #include <ppo_fast/common.h>
 
 #include <cmath>
-#include <string>
+#include <optional>
+#include <tuple>
 
 namespace ppo_fast {
 namespace ppo_loss {
 
 enum KlEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2 };
 enum Aggregation : int { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2 };
-
-template <typename T>
-C10_HOST_DEVICE inline T exp_(T x) {
-#ifdef __CUDA_ARCH__
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
 
 struct Params {
   double cliprange;
@@ -240,23 +232,6 @@ C10_HOST_DEVICE inline double stat_var(double n, double m2) {
   return n > 1 ? m2 / (n - 1) : 0.0;
 }
 
-inline int parse_kl_estimator(const char* op, const std::string& s) {
-  if (s == "k1") return kK1;
-  if (s == "k2") return kK2;
-  if (s == "k3") return kK3;
-  TORCH_CHECK(false, op, ": kl_estimator must be one of 'k1', 'k2', 'k3', got '", s, "'");
-  return kK1;
-}
-
-inline int parse_aggregation(const char* op, const std::string& s) {
-  if (s == "token_mean") return kTokenMean;
-  if (s == "seq_mean_token_mean") return kSeqMeanTokenMean;
-  if (s == "seq_mean_token_sum") return kSeqMeanTokenSum;
-  TORCH_CHECK(false, op, ": aggregation must be one of 'token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', got '",
-              s, "'");
-  return kTokenMean;
-}
-
 // Merges partial b into a (sums add; the four (mean, M2) pairs merge with Chan's formula).
 template <typename A, typename B>
 C10_HOST_DEVICE inline void merge_parts(A* a, const B* b) {
@@ -382,71 +357,47 @@ C10_HOST_DEVICE inline void finalize(const double* tot, const double* agg, doubl
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-side argument checks, shared by the CPU and CUDA entry points.
+// The job, filled by the host entry points (csrc/host/ppo_loss.cpp) and run by a backend's kernels.
 
-struct Tensors {
-  at::Tensor logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref;  // contiguous
+struct Job {
+  const char* op;
+  c10::DeviceIndex device;
+  at::ScalarType dtype;  // of the [B, T] inputs
+  bool mask_bool;        // mask is bool, else of dtype
+  int64_t B, T;
+  // [B, T], contiguous; ref may be null (kl_coef 0).
+  const void *logp, *v, *old, *v_old, *adv, *ret, *ref, *mask;
+  Params p;
+  double vf_coef;
+  // Forward: loss [], stats [kNumStats] and row_scale [B] in the accumulation dtype (fp32, or fp64
+  // for fp64 inputs).
+  int aggregation;
+  double ratio_threshold;
+  void *loss, *stats, *row_scale;
+  // Backward: grad_loss [1] and row_scale_in [B] in the accumulation dtype; d_logp, d_v [B, T] of dtype.
+  const void *grad_loss, *row_scale_in;
+  void *d_logp, *d_v;
 };
 
-inline Tensors check_inputs(const char* op, const at::Tensor& logprobs, const at::Tensor& vpreds,
-                            const at::Tensor& old_logprobs, const at::Tensor& old_values,
-                            const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
-                            const std::optional<at::Tensor>& ref_logprobs, double kl_coef) {
-  check::rank(op, "logprobs", logprobs, 2, "[B, T]");
-  check::floating(op, "logprobs", logprobs);
-  check::nonempty(op, "logprobs", logprobs);
-  const std::pair<const char*, const at::Tensor*> others[] = {
-      {"vpreds", &vpreds},         {"old_logprobs", &old_logprobs}, {"old_values", &old_values},
-      {"advantages", &advantages}, {"returns", &returns},           {"ref_logprobs", ref_logprobs ? &*ref_logprobs : nullptr}};
-  for (const auto& [name, t] : others) {
-    if (t == nullptr) continue;
-    check::same_device(op, name, *t, "logprobs", logprobs);
-    check::rank(op, name, *t, 2, "[B, T]");
-    check::floating(op, name, *t);
-    check::same_shape(op, name, *t, "logprobs", logprobs);
-    check::same_dtype(op, name, *t, "logprobs", logprobs);
-  }
-  at::Tensor m = check::mask(op, mask, "logprobs", logprobs);
-  TORCH_CHECK(kl_coef == 0.0 || ref_logprobs.has_value(), op, ": kl_coef is ", kl_coef,
-              " but ref_logprobs is None; pass the reference log-probs or set kl_coef=0");
-  return Tensors{logprobs.contiguous(),  vpreds.contiguous(),  old_logprobs.contiguous(),
-                 old_values.contiguous(), advantages.contiguous(), returns.contiguous(),
-                 m,                       ref_logprobs ? ref_logprobs->contiguous() : at::Tensor()};
-}
+struct Kernels {
+  void (*forward)(const Job&);
+  void (*backward)(const Job&);
+};
 
-inline Params check_params(const char* op, double cliprange, double cliprange_value, double vf_coef, double kl_coef,
-                           const std::string& kl_estimator, std::optional<double> dual_clip,
-                           std::optional<double> log_ratio_clamp) {
-  check::finite(op, "cliprange", cliprange);
-  check::finite(op, "cliprange_value", cliprange_value);
-  check::finite(op, "vf_coef", vf_coef);
-  check::finite(op, "kl_coef", kl_coef);
-  TORCH_CHECK(cliprange >= 0, op, ": cliprange must be >= 0, got ", cliprange);
-  TORCH_CHECK(cliprange_value >= 0, op, ": cliprange_value must be >= 0, got ", cliprange_value);
-  Params p{};
-  p.cliprange = cliprange;
-  p.cliprange_value = cliprange_value;
-  p.kl_coef = kl_coef;
-  p.kl_estimator = parse_kl_estimator(op, kl_estimator);
-  if (dual_clip) {
-    TORCH_CHECK(std::isfinite(*dual_clip) && *dual_clip > 1.0, op, ": dual_clip must be > 1 (or None), got ",
-                *dual_clip);
-    p.has_dual_clip = true;
-    p.dual_clip = *dual_clip;
-  }
-  if (log_ratio_clamp) {
-    TORCH_CHECK(std::isfinite(*log_ratio_clamp) && *log_ratio_clamp > 0.0, op,
-                ": log_ratio_clamp must be > 0 (or None), got ", *log_ratio_clamp);
-    p.has_log_ratio_clamp = true;
-    p.log_ratio_clamp = *log_ratio_clamp;
-  }
-  return p;
-}
-
-inline void check_ratio_threshold(const char* op, double ratio_threshold) {
-  TORCH_CHECK(!std::isnan(ratio_threshold) && ratio_threshold > 0, op,
-              ": ratio_threshold must be > 0 (inf disables it), got ", ratio_threshold);
-}
+// The entry points (csrc/host/ppo_loss.cpp), one per op of the schema.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss(
+    const Kernels& k, const at::Tensor& logprobs, const at::Tensor& vpreds, const at::Tensor& old_logprobs,
+    const at::Tensor& old_values, const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
+    const std::optional<at::Tensor>& ref_logprobs, double cliprange, double cliprange_value, double vf_coef,
+    double kl_coef, c10::string_view kl_estimator, std::optional<double> dual_clip,
+    std::optional<double> log_ratio_clamp, c10::string_view aggregation, double ratio_threshold);
+std::tuple<at::Tensor, at::Tensor> ppo_loss_backward(
+    const Kernels& k, const at::Tensor& grad_loss, const at::Tensor& row_scale, const at::Tensor& logprobs,
+    const at::Tensor& vpreds, const at::Tensor& old_logprobs, const at::Tensor& old_values,
+    const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
+    const std::optional<at::Tensor>& ref_logprobs, double cliprange, double cliprange_value, double vf_coef,
+    double kl_coef, c10::string_view kl_estimator, std::optional<double> dual_clip,
+    std::optional<double> log_ratio_clamp);
 
 }  // namespace ppo_loss
 }  // namespace ppo_fast
