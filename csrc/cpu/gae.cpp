@@ -30,9 +30,11 @@ void store_part(void* parts, int64_t i, const Moments<double>& m) {
   p[2] = m.m2;
 }
 
-// One pass over each row, right to left: the rewards, the scan, the per-row moments, as the job asks.
+// Rows [b0, b1) of a rows pass, right to left: the rewards, the scan, the per-row moments, as the
+// job asks. Its own function, so that the job's pointers are locals the compiler keeps in registers.
 template <typename scalar_t, typename mask_t>
-void run_rows(const Job& job) {
+void rows_range(const Job& job, int64_t b0, int64_t b1, at::opmath_type<scalar_t> reward_mean,
+                at::opmath_type<scalar_t> reward_rstd) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = job.T;
   const mask_t* mask = as<mask_t>(job.mask);
@@ -48,71 +50,74 @@ void run_rows(const Job& job) {
   acc_t* adv_acc = as<acc_t>(job.adv_acc);
   scalar_t* returns_out = as<scalar_t>(job.returns_out);
   const acc_t kl_coef = job.kl_coef, gamma = job.gamma, lam = job.lam;
+  const int kl_mode = job.kl_mode;
+  const bool carry_masked = job.carry_masked;
   const bool scan = values != nullptr;
   const bool whiten_rewards = job.reward_parts != nullptr;
-  acc_t reward_mean = 0, reward_rstd = 1;
-  if (whiten_rewards) {
-    double mean, rstd;
-    reduce_parts(job.reward_parts, job.n_reward_parts, kWhitenEps, mean, rstd);
-    reward_mean = mean;
-    reward_rstd = rstd;
-  }
-  at::parallel_for(0, job.B, std::max<int64_t>(1, 16384 / T), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> stash(job.row_moments ? T : 0);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t o = b * T;
-      const mask_t* m_row = mask + o;
-      int64_t last = -1;
-      if (!rewards_in) {
-        for (int64_t t = T - 1; t >= 0; --t) {
-          if (m_row[t] != mask_t(0)) {
-            last = t;
-            break;
-          }
-        }
-      }
-      acc_t A = 0, v_next = 0;
+  void* row_moments = job.row_moments;
+  std::vector<acc_t> stash(row_moments ? T : 0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t o = b * T;
+    const mask_t* m_row = mask + o;
+    int64_t last = -1;
+    if (!rewards_in) {
       for (int64_t t = T - 1; t >= 0; --t) {
-        const bool m = m_row[t] != mask_t(0);
-        acc_t r;
-        if (rewards_in) {
-          r = static_cast<acc_t>(rewards_in[o + t]);
-        } else {
-          const acc_t kl = kl_penalty<acc_t>(static_cast<acc_t>(logprobs[o + t]),
-                                             static_cast<acc_t>(ref_logprobs[o + t]), job.kl_mode);
-          const acc_t nsr = -kl_coef * kl;
-          r = t == last ? nsr + scores[b] : nsr;
-          if (kl_out) kl_out[o + t] = static_cast<scalar_t>(kl);
-          if (non_score_out) non_score_out[o + t] = static_cast<scalar_t>(nsr);
-          if (rewards_out) rewards_out[o + t] = static_cast<scalar_t>(r);
+        if (m_row[t] != mask_t(0)) {
+          last = t;
+          break;
         }
-        // Moments of the rewards as stored (rounded to scalar_t): the scan that whitens them reads
-        // them back from memory, and whitening amplifies any mismatch by 1/std.
-        acc_t tracked = masked(static_cast<acc_t>(static_cast<scalar_t>(r)), m);
-        if (scan) {
-          const acc_t r_eff = whiten_rewards ? whiten_reward(r, m, reward_mean, reward_rstd) : tracked;
-          const acc_t v = masked(static_cast<acc_t>(values[o + t]), m);
-          A = apply(advantage_map(r_eff, v, v_next, m, job.carry_masked, gamma, lam), A);
-          v_next = apply(next_value_map(v, m, job.carry_masked), v_next);
-          if (adv_out) adv_out[o + t] = static_cast<scalar_t>(A);
-          if (adv_acc) adv_acc[o + t] = A;
-          returns_out[o + t] = static_cast<scalar_t>(A + v);
-          tracked = A;
-        }
-        if (job.row_moments) stash[t] = tracked;
-      }
-      if (job.row_moments) {
-        // The row is still in cache: exact mean first, then M2.
-        const auto counted = [&](int64_t t) { return m_row[t] != mask_t(0); };
-        const auto value = [&](int64_t t) { return static_cast<double>(stash[t]); };
-        store_part(job.row_moments, b, cpu::masked_moments<false>(0, T, counted, value).m);
       }
     }
-  });
+    acc_t A = 0, v_next = 0;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const bool m = m_row[t] != mask_t(0);
+      acc_t r;
+      if (rewards_in) {
+        r = static_cast<acc_t>(rewards_in[o + t]);
+      } else {
+        const acc_t kl = kl_penalty<acc_t>(static_cast<acc_t>(logprobs[o + t]),
+                                           static_cast<acc_t>(ref_logprobs[o + t]), kl_mode);
+        const acc_t nsr = -kl_coef * kl;
+        r = t == last ? nsr + scores[b] : nsr;
+        if (kl_out) kl_out[o + t] = static_cast<scalar_t>(kl);
+        if (non_score_out) non_score_out[o + t] = static_cast<scalar_t>(nsr);
+        if (rewards_out) rewards_out[o + t] = static_cast<scalar_t>(r);
+      }
+      // Moments of the rewards as stored (rounded to scalar_t): the scan that whitens them reads
+      // them back from memory, and whitening amplifies any mismatch by 1/std.
+      acc_t tracked = masked(static_cast<acc_t>(static_cast<scalar_t>(r)), m);
+      if (scan) {
+        const acc_t r_eff = whiten_rewards ? whiten_reward(r, m, reward_mean, reward_rstd) : tracked;
+        const acc_t v = masked(static_cast<acc_t>(values[o + t]), m);
+        A = apply(advantage_map(r_eff, v, v_next, m, carry_masked, gamma, lam), A);
+        v_next = apply(next_value_map(v, m, carry_masked), v_next);
+        if (adv_out) adv_out[o + t] = static_cast<scalar_t>(A);
+        if (adv_acc) adv_acc[o + t] = A;
+        returns_out[o + t] = static_cast<scalar_t>(A + v);
+        tracked = A;
+      }
+      if (row_moments) stash[t] = tracked;
+    }
+    if (row_moments) {
+      // The row is still in cache: exact mean first, then M2.
+      const auto counted = [&](int64_t t) { return m_row[t] != mask_t(0); };
+      const auto value = [&](int64_t t) { return static_cast<double>(stash[t]); };
+      store_part(row_moments, b, cpu::masked_moments<false>(0, T, counted, value).m);
+    }
+  }
 }
 
 void rows_pass(const Job& job) {
-  cpu::dispatch(job.dtype, job.mask_bool, [&](auto s, auto mk) { run_rows<decltype(s), decltype(mk)>(job); });
+  // Reward whitening: the moments merged once, before the rows.
+  double mean = 0, rstd = 1;
+  if (job.reward_parts) reduce_parts(job.reward_parts, job.n_reward_parts, kWhitenEps, mean, rstd);
+  cpu::dispatch(job.dtype, job.mask_bool, [&](auto s, auto mk) {
+    using acc_t = at::opmath_type<decltype(s)>;
+    const acc_t reward_mean = mean, reward_rstd = rstd;
+    at::parallel_for(0, job.B, std::max<int64_t>(1, 16384 / job.T), [&](int64_t b0, int64_t b1) {
+      rows_range<decltype(s), decltype(mk)>(job, b0, b1, reward_mean, reward_rstd);
+    });
+  });
 }
 
 // One part per fixed chunk: the moments of moments_in over the mask.

@@ -42,21 +42,28 @@ void batch_moments(const Job& job) {
   out[kNonFinite] = bad;
 }
 
+// Entries [i0, i1) normalised with x -> (x - shift) * mul, then clipped; masked-out entries pass
+// through unchanged. A plain function, so that the job's pointers are locals kept in registers.
 template <typename scalar_t, typename mask_t>
-void normalize_into(const Job& job) {
+void normalize_range(const Job& job, int64_t i0, int64_t i1, at::opmath_type<scalar_t> shift,
+                     at::opmath_type<scalar_t> mul) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = as<scalar_t>(job.x);
   const mask_t* mask = as<mask_t>(job.mask);
   scalar_t* out = as<scalar_t>(job.out);
-  const Normalize& p = job.p;
+  const Normalize p = job.p;
+  for (int64_t i = i0; i < i1; ++i) {
+    out[i] = counted(mask, i) ? static_cast<scalar_t>(normalize<acc_t>(static_cast<acc_t>(x[i]), shift, mul, p)) : x[i];
+  }
+}
+
+template <typename scalar_t, typename mask_t>
+void normalize_into(const Job& job) {
+  using acc_t = at::opmath_type<scalar_t>;
   acc_t shift, mul;
-  affine_of(job.state, p, shift, mul);
+  affine_of(job.state, job.p, shift, mul);
   at::parallel_for(0, job.N, 32768, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      // Masked-out entries pass through unchanged.
-      out[i] = counted(mask, i) ? static_cast<scalar_t>(normalize<acc_t>(static_cast<acc_t>(x[i]), shift, mul, p))
-                                : x[i];
-    }
+    normalize_range<scalar_t, mask_t>(job, i0, i1, shift, mul);
   });
 }
 

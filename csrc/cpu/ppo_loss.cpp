@@ -56,27 +56,66 @@ Rows<scalar_t, mask_t> rows_of(const Job& j) {
           as<mask_t>(j.mask)};
 }
 
+// Rows [b0, b1) of each pass: plain functions, so that the job's pointers and scalars are locals
+// the compiler keeps in registers.
+template <typename scalar_t, typename mask_t>
+void forward_rows(const Job& job, int64_t b0, int64_t b1, double* parts) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto rows = rows_of<scalar_t, mask_t>(job);
+  const Params p = job.p;
+  acc_t lp[kGroup], vp[kGroup], o[kGroup], vo[kGroup], a[kGroup], r[kGroup], rf[kGroup];
+  bool m[kGroup];
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t t0 = 0; t0 < rows.T; t0 += kGroup) {
+      rows.load(b, t0, lp, vp, o, vo, a, r, rf, m);
+      // The group in the accumulation dtype, merged into the row's fp64 partial.
+      acc_t group[kNumParts] = {};
+      accumulate<kGroup, acc_t, acc_t>(lp, vp, o, vo, a, r, rf, m, p, group);
+      merge_parts(&parts[b * kNumParts], group);
+    }
+  }
+}
+
+template <typename scalar_t, typename mask_t>
+void backward_rows(const Job& job, int64_t b0, int64_t b1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto rows = rows_of<scalar_t, mask_t>(job);
+  const Params p = job.p;
+  const int64_t T = job.T;
+  const acc_t* sc = as<acc_t>(job.row_scale_in);
+  const acc_t g = *as<acc_t>(job.grad_loss);
+  scalar_t* gl = as<scalar_t>(job.d_logp);
+  scalar_t* gv = as<scalar_t>(job.d_v);
+  const acc_t vfc = static_cast<acc_t>(job.vf_coef);
+  for (int64_t b = b0; b < b1; ++b) {
+    const acc_t w = g * sc[b];
+    for (int64_t i = b * T; i < (b + 1) * T; ++i) {
+      acc_t dl = 0, dv = 0;
+      if (w != acc_t(0) && rows.mask[i] != mask_t(0)) {
+        token_backward<acc_t>(static_cast<acc_t>(rows.logp[i]), static_cast<acc_t>(rows.v[i]),
+                              static_cast<acc_t>(rows.old[i]), static_cast<acc_t>(rows.v_old[i]),
+                              static_cast<acc_t>(rows.adv[i]), static_cast<acc_t>(rows.ret[i]),
+                              rows.ref ? static_cast<acc_t>(rows.ref[i]) : acc_t(0), p, vfc, dl, dv);
+      }
+      gl[i] = static_cast<scalar_t>(dl * w);
+      gv[i] = static_cast<scalar_t>(dv * w);
+    }
+  }
+}
+
+// Rows in parallel, a few thousand tokens per grain.
+template <typename F>
+void parallel_rows(const Job& job, const F& f) {
+  at::parallel_for(0, job.B, std::max<int64_t>(1, 4096 / job.T), f);
+}
+
 void forward(const Job& job) {
   const int64_t B = job.B;
   cpu::dispatch(job.dtype, job.mask_bool, [&](auto s, auto mk) {
-    using scalar_t = decltype(s);
-    using mask_t = decltype(mk);
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto rows = rows_of<scalar_t, mask_t>(job);
-    const Params& p = job.p;
+    using acc_t = at::opmath_type<decltype(s)>;
     std::vector<double> parts(B * kNumParts, 0.0);
-    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / rows.T), [&](int64_t b0, int64_t b1) {
-      acc_t lp[kGroup], vp[kGroup], o[kGroup], vo[kGroup], a[kGroup], r[kGroup], rf[kGroup];
-      bool m[kGroup];
-      for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t t0 = 0; t0 < rows.T; t0 += kGroup) {
-          rows.load(b, t0, lp, vp, o, vo, a, r, rf, m);
-          // The group in the accumulation dtype, merged into the row's fp64 partial.
-          acc_t group[kNumParts] = {};
-          accumulate<kGroup, acc_t, acc_t>(lp, vp, o, vo, a, r, rf, m, p, group);
-          merge_parts(&parts[b * kNumParts], group);
-        }
-      }
+    parallel_rows(job, [&](int64_t b0, int64_t b1) {
+      forward_rows<decltype(s), decltype(mk)>(job, b0, b1, parts.data());
     });
     double tot[kNumParts] = {0}, agg[3] = {0, 0, 0}, nonempty = 0;
     for (int64_t b = 0; b < B; ++b) {
@@ -86,7 +125,7 @@ void forward(const Job& job) {
       nonempty += row[kN] > 0 ? 1 : 0;
     }
     acc_t* st = as<acc_t>(job.stats);
-    finalize(tot, agg, nonempty, job.aggregation, job.vf_coef, p.kl_coef, job.ratio_threshold, st);
+    finalize(tot, agg, nonempty, job.aggregation, job.vf_coef, job.p.kl_coef, job.ratio_threshold, st);
     acc_t* sc = as<acc_t>(job.row_scale);
     for (int64_t b = 0; b < B; ++b) sc[b] = row_scale(parts[b * kNumParts + kN], st, job.aggregation);
     *as<acc_t>(job.loss) = st[sLossTotal];
@@ -94,34 +133,8 @@ void forward(const Job& job) {
 }
 
 void backward(const Job& job) {
-  const int64_t B = job.B, T = job.T;
   cpu::dispatch(job.dtype, job.mask_bool, [&](auto s, auto mk) {
-    using scalar_t = decltype(s);
-    using mask_t = decltype(mk);
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto rows = rows_of<scalar_t, mask_t>(job);
-    const Params& p = job.p;
-    const acc_t* sc = as<acc_t>(job.row_scale_in);
-    const acc_t g = *as<acc_t>(job.grad_loss);
-    scalar_t* gl = as<scalar_t>(job.d_logp);
-    scalar_t* gv = as<scalar_t>(job.d_v);
-    const acc_t vfc = static_cast<acc_t>(job.vf_coef);
-    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / T), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const acc_t w = g * sc[b];
-        for (int64_t i = b * T; i < (b + 1) * T; ++i) {
-          acc_t dl = 0, dv = 0;
-          if (w != acc_t(0) && rows.mask[i] != mask_t(0)) {
-            token_backward<acc_t>(static_cast<acc_t>(rows.logp[i]), static_cast<acc_t>(rows.v[i]),
-                                  static_cast<acc_t>(rows.old[i]), static_cast<acc_t>(rows.v_old[i]),
-                                  static_cast<acc_t>(rows.adv[i]), static_cast<acc_t>(rows.ret[i]),
-                                  rows.ref ? static_cast<acc_t>(rows.ref[i]) : acc_t(0), p, vfc, dl, dv);
-          }
-          gl[i] = static_cast<scalar_t>(dl * w);
-          gv[i] = static_cast<scalar_t>(dv * w);
-        }
-      }
-    });
+    parallel_rows(job, [&](int64_t b0, int64_t b1) { backward_rows<decltype(s), decltype(mk)>(job, b0, b1); });
   });
 }
 

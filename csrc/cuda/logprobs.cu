@@ -148,8 +148,9 @@ __global__ void __launch_bounds__(kThreads)
 // step with z's running sum (same max, same rescaling).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    full_kl_kernel(const Rows zr, const Rows rr, bool vec, float inv_t, float* __restrict__ kl) {
+    full_kl_kernel(const Rows zr, const Rows rr, bool vec_z, bool vec_r, float inv_t, float* __restrict__ kl) {
   const int64_t row = blockIdx.x;
+  const bool vec = vec_z && vec_r;
   const scalar_t *x = zr.row<scalar_t>(row), *q = rr.row<scalar_t>(row);
   OnlineF oz = online_init<float>(), orr = online_init<float>();
   float acc = 0.f;  // sum exp(z - m_z) (z - r), rescaled whenever m_z grows
@@ -209,7 +210,7 @@ void full_kl_rows(const Job& job) {
   dispatch(job.op, job.dtype, [&](auto s) {
     using scalar_t = decltype(s);
     full_kl_kernel<scalar_t><<<job.B * job.T, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        job.logits, job.ref_logits, vec_rows<scalar_t>(job.logits) && vec_rows<scalar_t>(job.ref_logits),
+        job.logits, job.ref_logits, vec_rows<scalar_t>(job.logits), vec_rows<scalar_t>(job.ref_logits),
         static_cast<float>(job.inv_t), as<float>(job.kl));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -33,26 +33,59 @@ inline int64_t chunks_of(int64_t T) {
   return (T + kChunk - 1) / kChunk;
 }
 
-// vec: every [B, T] pointer of the job is aligned for kItems-wide vector accesses.
-template <typename scalar_t, typename mask_t>
-__device__ __forceinline__ void load_token_items(const Job& a, bool vec, int64_t o, int64_t t0, float (&lp)[kItems],
-                                                 float (&v)[kItems], float (&old)[kItems], float (&v_old)[kItems],
-                                                 float (&adv)[kItems], float (&ret)[kItems], float (&ref)[kItems],
-                                                 bool (&m)[kItems]) {
-  load_mask(as<mask_t>(a.mask) + o, t0, a.T, vec, m);
-  load_items(as<scalar_t>(a.logp) + o, t0, a.T, vec, lp, 0.f);
-  load_items(as<scalar_t>(a.v) + o, t0, a.T, vec, v, 0.f);
-  load_items(as<scalar_t>(a.old) + o, t0, a.T, vec, old, 0.f);
-  load_items(as<scalar_t>(a.v_old) + o, t0, a.T, vec, v_old, 0.f);
-  load_items(as<scalar_t>(a.adv) + o, t0, a.T, vec, adv, 0.f);
-  load_items(as<scalar_t>(a.ret) + o, t0, a.T, vec, ret, 0.f);
-  if (a.ref) {
-    load_items(as<scalar_t>(a.ref) + o, t0, a.T, vec, ref, 0.f);
-  } else {
+// One lane's kItems tokens of every [B, T] input (ref 0 without one), and the mask.
+struct TokenItems {
+  float lp[kItems], v[kItems], old[kItems], v_old[kItems], adv[kItems], ret[kItems], ref[kItems];
+  bool m[kItems];
+};
+
+// f(o, t0, items) for each of this lane's groups of kItems tokens [t0, t0 + kItems) in warp work
+// item w (row b = w / C at offset o = b T, chunk w % C). vec: every [B, T] pointer of the job is
+// aligned for kItems-wide vector accesses.
+template <typename scalar_t, typename mask_t, typename F>
+__device__ __forceinline__ void for_items(const Job& a, int64_t C, bool vec, int64_t w, const F& f) {
+  const int lane = threadIdx.x & 31;
+  const int64_t b = w / C, c = w % C, o = b * a.T;
+  for (int pass = 0; pass < kChunk / (32 * kItems); ++pass) {
+    const int64_t t0 = c * kChunk + (int64_t(pass) * 32 + lane) * kItems;
+    if (t0 >= a.T) break;
+    TokenItems x;
+    load_mask(as<mask_t>(a.mask) + o, t0, a.T, vec, x.m);
+    load_items(as<scalar_t>(a.logp) + o, t0, a.T, vec, x.lp, 0.f);
+    load_items(as<scalar_t>(a.v) + o, t0, a.T, vec, x.v, 0.f);
+    load_items(as<scalar_t>(a.old) + o, t0, a.T, vec, x.old, 0.f);
+    load_items(as<scalar_t>(a.v_old) + o, t0, a.T, vec, x.v_old, 0.f);
+    load_items(as<scalar_t>(a.adv) + o, t0, a.T, vec, x.adv, 0.f);
+    load_items(as<scalar_t>(a.ret) + o, t0, a.T, vec, x.ret, 0.f);
+    if (a.ref) {
+      load_items(as<scalar_t>(a.ref) + o, t0, a.T, vec, x.ref, 0.f);
+    } else {
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) ref[i] = 0.f;
+      for (int i = 0; i < kItems; ++i) x.ref[i] = 0.f;
+    }
+    f(o, t0, x);
   }
 }
+
+// Fixed-order tree over a warp's lanes, merge(into, from) combining two arrays: lane 0 ends with
+// the merge of all 32.
+template <int N, typename T, typename Merge>
+__device__ __forceinline__ void warp_tree(T (&acc)[N], const Merge& merge) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    T other[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) other[k] = __shfl_down_sync(kFull, acc[k], off);
+    if (lane + off < 32) merge(acc, other);
+  }
+}
+
+struct MergeParts {
+  __device__ void operator()(float* into, const float* from) const {
+    merge_parts(into, from);
+  }
+};
 
 template <typename scalar_t, typename mask_t>
 __global__ void __launch_bounds__(kThreads)
@@ -61,26 +94,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t w = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t P = a.B * C;
   if (w >= P) return;  // whole warps leave together
-  const int64_t b = w / C, c = w % C, o = b * a.T;
   float part[kNumParts];
 #pragma unroll
   for (int k = 0; k < kNumParts; ++k) part[k] = 0.f;
-  for (int pass = 0; pass < kChunk / (32 * kItems); ++pass) {
-    const int64_t t0 = c * kChunk + (int64_t(pass) * 32 + lane) * kItems;
-    if (t0 >= a.T) break;
-    float lp[kItems], v[kItems], old[kItems], v_old[kItems], adv[kItems], ret[kItems], ref[kItems];
-    bool m[kItems];
-    load_token_items<scalar_t, mask_t>(a, vec, o, t0, lp, v, old, v_old, adv, ret, ref, m);
-    accumulate<kItems, float, float>(lp, v, old, v_old, adv, ret, ref, m, a.p, part);
-  }
-  // Fixed-order tree over the lanes: lane 0 ends with the warp's partial.
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    float other[kNumParts];
-#pragma unroll
-    for (int k = 0; k < kNumParts; ++k) other[k] = __shfl_down_sync(kFull, part[k], off);
-    if (lane + off < 32) merge_parts(part, other);
-  }
+  for_items<scalar_t, mask_t>(a, C, vec, w, [&](int64_t, int64_t, const TokenItems& x) {
+    accumulate<kItems, float, float>(x.lp, x.v, x.old, x.v_old, x.adv, x.ret, x.ref, x.m, a.p, part);
+  });
+  warp_tree(part, MergeParts{});  // lane 0 ends with the warp's partial
   if (lane == 0) {
 #pragma unroll
     for (int k = 0; k < kNumParts; ++k) parts[int64_t(k) * P + w] = part[k];
@@ -92,13 +112,7 @@ __global__ void __launch_bounds__(kThreads)
 template <int N, typename Merge>
 __device__ void block_merge(double (&acc)[N], double* smem, Merge merge) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    double other[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) other[k] = __shfl_down_sync(kFull, acc[k], off);
-    if (lane + off < 32) merge(acc, other);
-  }
+  warp_tree(acc, merge);
   if (lane == 0) {
 #pragma unroll
     for (int k = 0; k < N; ++k) smem[warp * N + k] = acc[k];
@@ -162,28 +176,24 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(const Job a, int64_t C, bool vec, const float* __restrict__ grad_loss,
                     const float* __restrict__ row_scale, float vf_coef, scalar_t* __restrict__ d_logp,
                     scalar_t* __restrict__ d_v) {
-  const int lane = threadIdx.x & 31;
   const int64_t w = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (w >= a.B * C) return;
-  const int64_t b = w / C, c = w % C, o = b * a.T;
-  const float scale = *grad_loss * row_scale[b];
-  for (int pass = 0; pass < kChunk / (32 * kItems); ++pass) {
-    const int64_t t0 = c * kChunk + (int64_t(pass) * 32 + lane) * kItems;
-    if (t0 >= a.T) break;
-    float lp[kItems], v[kItems], old[kItems], v_old[kItems], adv[kItems], ret[kItems], ref[kItems];
-    bool m[kItems];
-    load_token_items<scalar_t, mask_t>(a, vec, o, t0, lp, v, old, v_old, adv, ret, ref, m);
+  const float scale = *grad_loss * row_scale[w / C];
+  for_items<scalar_t, mask_t>(a, C, vec, w, [&](int64_t o, int64_t t0, const TokenItems& x) {
     float gl[kItems], gv[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       float dl = 0.f, dv = 0.f;
-      if (m[i] && scale != 0.f) token_backward<float>(lp[i], v[i], old[i], v_old[i], adv[i], ret[i], ref[i], a.p, vf_coef, dl, dv);
+      if (x.m[i] && scale != 0.f) {
+        token_backward<float>(x.lp[i], x.v[i], x.old[i], x.v_old[i], x.adv[i], x.ret[i], x.ref[i], a.p, vf_coef, dl,
+                              dv);
+      }
       gl[i] = dl * scale;
       gv[i] = dv * scale;
     }
     store_items(d_logp + o, t0, a.T, vec, gl);
     store_items(d_v + o, t0, a.T, vec, gv);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

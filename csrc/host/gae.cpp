@@ -161,8 +161,9 @@ void advantages_and_whiten(const Kernels& k, Job& job, at::Tensor& adv) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compute_rewards(const Kernels& k, const at::Tensor& scores,
                                                                const at::Tensor& logprobs,
-                                                               const at::Tensor& ref_logprobs, const at::Tensor& mask_in,
-                                                               double kl_coef, c10::string_view kl_penalty) {
+                                                               const at::Tensor& ref_logprobs,
+                                                               const at::Tensor& mask_in, double kl_coef,
+                                                               c10::string_view kl_penalty) {
   const char* op = "compute_rewards";
   const int mode = parse_kl_penalty(op, std::string(kl_penalty));
   check::finite(op, "kl_coef", kl_coef);

@@ -97,7 +97,8 @@ at::Tensor moments_normalize(const Kernels& k, const at::Tensor& x_in, const std
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> moments_update_normalize_(const Kernels& k, at::Tensor& state, const at::Tensor& x_in,
+std::tuple<at::Tensor, at::Tensor> moments_update_normalize_(const Kernels& k, at::Tensor& state,
+                                                             const at::Tensor& x_in,
                                                              const std::optional<at::Tensor>& mask_in, bool scale,
                                                              bool center, std::optional<double> clip, double eps) {
   const char* op = "moments_update_normalize_";

@@ -16,23 +16,21 @@ namespace ppo_fast {
 // TRL's masked_whiten epsilon: whitening divides by sqrt(var + kWhitenEps).
 constexpr double kWhitenEps = 1e-8;
 
-// The device's exp and log on the GPU, the C++ library's on the CPU.
+// A libm function in C10_HOST_DEVICE code: the device's (::f) on the GPU, the C++ library's on the CPU.
+#ifdef __CUDA_ARCH__
+#define PPO_FAST_LIBM(f) ::f
+#else
+#define PPO_FAST_LIBM(f) std::f
+#endif
+
 template <typename T>
 C10_HOST_DEVICE inline T exp_(T x) {
-#ifdef __CUDA_ARCH__
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
+  return PPO_FAST_LIBM(exp)(x);
 }
 
 template <typename T>
 C10_HOST_DEVICE inline T log_(T x) {
-#ifdef __CUDA_ARCH__
-  return ::log(x);
-#else
-  return std::log(x);
-#endif
+  return PPO_FAST_LIBM(log)(x);
 }
 
 // Welford/Chan moments of a set of numbers: count, mean and the sum of squared deviations M2.
@@ -100,16 +98,18 @@ inline at::ScalarType acc_dtype(at::ScalarType dtype) {
 
 // bound<&entry, kKernels> is the host entry point `R entry(const Kernels&, Args...)` with one
 // backend's kernel table filled in: the plain function of Args... that m.impl() registers.
+template <auto Entry, const auto& K, typename R, typename Kernels, typename... Args>
+R bound_call(Args... args) {
+  return Entry(K, std::forward<Args>(args)...);
+}
+
+template <auto Entry, const auto& K, typename R, typename Kernels, typename... Args>
+constexpr auto bound_of(R (*)(const Kernels&, Args...)) {
+  return &bound_call<Entry, K, R, Kernels, Args...>;
+}
+
 template <auto Entry, const auto& K>
-struct Bound;
-template <typename R, typename Kernels, typename... Args, R (*Entry)(const Kernels&, Args...), const Kernels& K>
-struct Bound<Entry, K> {
-  static R fn(Args... args) {
-    return Entry(K, std::forward<Args>(args)...);
-  }
-};
-template <auto Entry, const auto& K>
-constexpr auto bound = &Bound<Entry, K>::fn;
+constexpr auto bound = bound_of<Entry, K>(Entry);
 
 namespace check {
 

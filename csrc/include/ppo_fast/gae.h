@@ -28,11 +28,7 @@ C10_HOST_DEVICE inline acc_t kl_penalty(acc_t logp, acc_t ref, int mode) {
       return acc_t(0.5) * d * d;
     case kK3: {
       const acc_t r = -d;
-#ifdef __CUDA_ARCH__
-      return ::expm1(r) - r;
-#else
-      return std::expm1(r) - r;
-#endif
+      return PPO_FAST_LIBM(expm1)(r) - r;
     }
     default:
       return d;

@@ -20,11 +20,7 @@ constexpr int kRejected = 3;                                        // state: ba
 constexpr int kSlots = 4;
 
 C10_HOST_DEVICE inline bool is_finite(double x) {
-#ifdef __CUDA_ARCH__
-  return ::isfinite(x);
-#else
-  return std::isfinite(x);
-#endif
+  return PPO_FAST_LIBM(isfinite)(x);
 }
 
 // Merges batches[0..k) (each kSlots doubles, in order) into state, unless any holds a non-finite
