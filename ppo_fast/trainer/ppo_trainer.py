@@ -52,8 +52,12 @@ __all__ = ["PPOTrainer"]
 _POLICYKL = PPO_LOSS_STATS.index("policy/policykl")  # in the loss op's stats vector
 
 
-def _empty_device_cache() -> None:
-    """Return cached device memory to the driver (``optimize_device_cache``)."""
+def _empty_device_cache(device: torch.device) -> None:
+    """Return cached device memory to the driver (``optimize_device_cache``). Nothing on the CPU: its allocator
+    keeps no cache, and a ``gc.collect()`` there only costs time (~0.15 s each in a process that imported
+    transformers: three per step doubled a small model's step)."""
+    if device.type == "cpu":
+        return
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
@@ -372,7 +376,7 @@ class PPOTrainer:
         input_ids, attention_mask, mask = _rollout.build_inputs(self, queries, responses, response_masks)
         # -- nothing above changed any state; from here on the step runs
         if cfg.optimize_device_cache:
-            _empty_device_cache()
+            _empty_device_cache(self.current_device)
         t0 = time.perf_counter()
         timing = {}
         if cfg.use_score_scaling:
@@ -386,7 +390,7 @@ class PPOTrainer:
         logprobs, values, ref_logprobs, kl_full = _rollout.forward(self, input_ids, attention_mask)
         timing["time/ppo/forward_pass"] = time.perf_counter() - t
         if cfg.optimize_device_cache:
-            _empty_device_cache()
+            _empty_device_cache(self.current_device)
 
         t = time.perf_counter()
         maskf = mask.to(values.dtype)
@@ -398,7 +402,7 @@ class PPOTrainer:
         train_rows, ratios = self._optimize(input_ids, attention_mask, mask, logprobs, ref_logprobs, values, rollout)
         timing["time/ppo/optimize_step"] = time.perf_counter() - t
         if cfg.optimize_device_cache:
-            _empty_device_cache()
+            _empty_device_cache(self.current_device)
 
         t = time.perf_counter()
         stats = _stats.step_stats(

@@ -10,7 +10,12 @@ from ppo_fast import AutoModelForCausalLMWithValueHead, create_reference_model
 from ppo_fast.models import LAYER_PATTERNS, parameter_bytes
 
 BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers", "gpt_neox": "gpt_neox.layers"}
-EMBEDDINGS = {"gpt2": ["transformer.wpe"], "llama": ["model.embed_tokens"], "gpt_neox": ["gpt_neox.embed_in"]}
+# What runs before the blocks, shared with them (GPT-2's wte, tied to its LM head, by default as in TRL).
+EMBEDDINGS = {
+    "gpt2": ["transformer.wpe", "transformer.wte"],
+    "llama": ["model.embed_tokens"],
+    "gpt_neox": ["gpt_neox.embed_in"],
+}
 
 
 def _policy(make_lm, arch, n_layer=2, **overrides):
@@ -69,8 +74,8 @@ def test_memory_saving_bar_on_12_blocks(arch, n_shared, make_lm):
     saved = 2 * one_copy - parameter_bytes(policy, ref)  # ...but policy + reference store less than two
     assert saved >= n_shared / 12 * block_bytes
     # And no more than what was shared: the blocks above N and the heads are real copies.
-    untied_embeddings = sum(p.numel() * p.element_size() for e in EMBEDDINGS[arch] for p in _params(policy, e).values())
-    assert saved == n_shared / 12 * block_bytes + untied_embeddings
+    embeddings = sum(p.numel() * p.element_size() for e in EMBEDDINGS[arch] for p in _params(policy, e).values())
+    assert saved == n_shared / 12 * block_bytes + embeddings
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -97,11 +102,11 @@ def test_gradients_skip_shared_layers_and_reference_stays_put(arch, make_lm, tok
         assert torch.equal(a, b)  # the reference is still the policy as it was
 
 
-def test_tied_embeddings_keep_the_policy_lm_head_trainable(make_lm, tokens):
+def test_tied_embeddings_shared_by_default_or_kept_trainable(make_lm, tokens, caplog):
     policy = _policy(make_lm, "gpt2", n_layer=4)
     wte, lm_head = policy.pretrained_model.transformer.wte, policy.pretrained_model.lm_head
     assert lm_head.weight is wte.weight  # GPT-2 ties them
-    ref = create_reference_model(policy, num_shared_layers=2)
+    ref = create_reference_model(policy, num_shared_layers=2, share_tied_embeddings=False)
     assert lm_head.weight is wte.weight and wte.weight.requires_grad  # still tied, still trainable
     ref_wte, ref_lm_head = ref.pretrained_model.transformer.wte, ref.pretrained_model.lm_head
     assert ref_wte.weight.data_ptr() != wte.weight.data_ptr()  # the reference has its own frozen copy...
@@ -112,13 +117,17 @@ def test_tied_embeddings_keep_the_policy_lm_head_trainable(make_lm, tokens):
     logits.sum().backward()
     assert wte.weight.grad is not None
 
+    assert "tied" not in caplog.text
+
     policy = _policy(make_lm, "gpt2", n_layer=4)
-    ref = create_reference_model(policy, num_shared_layers=2, share_tied_embeddings=True)  # opted in
+    with caplog.at_level("WARNING", logger="ppo_fast.models.reference_model"):
+        ref = create_reference_model(policy, num_shared_layers=2)  # the default: TRL's sharing
     wte, lm_head = policy.pretrained_model.transformer.wte, policy.pretrained_model.lm_head
     assert (
         ref.pretrained_model.transformer.wte.weight is wte.weight and ref.pretrained_model.lm_head.weight is wte.weight
     )
     assert not lm_head.weight.requires_grad
+    assert "freezes the policy's LM head" in caplog.text  # said, not silent
 
 
 def test_untied_llama_shares_its_embedding(make_lm):

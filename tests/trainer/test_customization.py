@@ -173,7 +173,7 @@ def test_peft_policy_is_its_own_reference(model_dir, tokenizer):
 def test_optimize_cuda_cache_frees_cached_memory(flag, value, tokenizer, monkeypatch):
     calls = []
     real = ppo_trainer._empty_device_cache
-    monkeypatch.setattr(ppo_trainer, "_empty_device_cache", lambda: (calls.append(1), real()))
+    monkeypatch.setattr(ppo_trainer, "_empty_device_cache", lambda device: (calls.append(device), real(device)))
     config = PPOConfig(batch_size=2, mini_batch_size=2, **{flag: value})
     trainer = PPOTrainer(config, make_policy(), None, tokenizer)
     _steps(trainer, 2, 2)
