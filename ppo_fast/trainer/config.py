@@ -160,6 +160,14 @@ class PPOConfig:
     advantage_whitening: Literal[ADVANTAGE_WHITENING] = field(
         default="process", metadata={"help": "Whiten advantages per process (TRL) or across all processes."}
     )
+    cache_frozen_trunk: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the policy's frozen bottom (embeddings and leading frozen blocks, e.g. those "
+            "create_reference_model shares) once per step and reuse its output in the reference forward and every "
+            "minibatch (exact; holds one [batch, length, hidden] activation)."
+        },
+    )
     log_ratio_clamp: float | None = field(
         default=None, metadata={"help": "Clamp log(ratio) to [-c, c] before exp (guards against overflow)."}
     )
@@ -249,6 +257,8 @@ class PPOConfig:
             raise ValueError(f"PPOConfig: log_with must be None, 'wandb' or 'tensorboard'; got {self.log_with!r}")
         if self.use_fused_kernels is not None and not isinstance(self.use_fused_kernels, bool):
             raise ValueError(f"PPOConfig: use_fused_kernels must be a bool or None, got {self.use_fused_kernels!r}")
+        if not isinstance(self.cache_frozen_trunk, bool):
+            raise ValueError(f"PPOConfig: cache_frozen_trunk must be a bool, got {self.cache_frozen_trunk!r}")
         backward = self.mini_batch_size * self.gradient_accumulation_steps
         if self.batch_size % backward:
             raise ValueError(

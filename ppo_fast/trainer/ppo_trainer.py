@@ -46,6 +46,7 @@ from ppo_fast.trainer.config import PPOConfig
 from ppo_fast.trainer.distributed import build_accelerator
 from ppo_fast.trainer.kl_controllers import AdaptiveKLController, FixedKLController
 from ppo_fast.trainer.running_moments import RunningMoments
+from ppo_fast.trainer.trunk import FrozenTrunk
 
 __all__ = ["PPOTrainer"]
 
@@ -211,6 +212,18 @@ class PPOTrainer:
         self.current_device = self.accelerator.device
         self.is_distributed = self.accelerator.num_processes > 1
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
+        self._trunk = FrozenTrunk(
+            self.accelerator.unwrap_model(self.model),
+            self.ref_model if isinstance(self.ref_model, AutoModelForCausalLMWithValueHead) else None,
+            enabled=config.cache_frozen_trunk,
+            partitioned=self._parameters_partitioned(),
+        )
+
+    def _parameters_partitioned(self) -> bool:
+        """Whether the policy's parameters live partitioned between forwards (ZeRO-3, FSDP)."""
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return True
+        return any(hasattr(p, "ds_id") for p in self.model.parameters())
 
     def _read_model_limits(self, tokenizer: Any) -> None:
         """The vocabulary size, the position limit and the padding id that ``step`` checks and pads with."""
@@ -387,7 +400,7 @@ class PPOTrainer:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
 
         t = time.perf_counter()
-        logprobs, values, ref_logprobs, kl_full = _rollout.forward(self, input_ids, attention_mask)
+        logprobs, values, ref_logprobs, kl_full, trunk = _rollout.forward(self, input_ids, attention_mask)
         timing["time/ppo/forward_pass"] = time.perf_counter() - t
         if cfg.optimize_device_cache:
             _empty_device_cache(self.current_device)
@@ -399,7 +412,9 @@ class PPOTrainer:
         timing["time/ppo/compute_advantages"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        train_rows, ratios = self._optimize(input_ids, attention_mask, mask, logprobs, ref_logprobs, values, rollout)
+        train_rows, ratios = self._optimize(
+            input_ids, attention_mask, mask, logprobs, ref_logprobs, values, rollout, trunk
+        )
         timing["time/ppo/optimize_step"] = time.perf_counter() - t
         if cfg.optimize_device_cache:
             _empty_device_cache(self.current_device)
@@ -427,8 +442,10 @@ class PPOTrainer:
         ref_logprobs: torch.Tensor,
         old_values: torch.Tensor,
         rollout: F.RolloutAdvantages,
+        trunk: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """PPO epochs over shuffled minibatches. Returns the per-minibatch stat rows
+        """PPO epochs over shuffled minibatches (``trunk``: the frozen trunk's output from the rollout, or None).
+        Returns the per-minibatch stat rows
         [n_minibatches, len(PPO_LOSS_STATS) + 1] and the policy ratios [n_minibatches x mb, T], -1 where masked."""
         cfg = self.config
         bs, mbs = cfg.batch_size, cfg.mini_batch_size
@@ -451,7 +468,12 @@ class PPOTrainer:
                 with self.accelerator.accumulate(self.model):
                     self._train_mode_without_dropout()
                     ids = input_ids[idx]
-                    logits, _, vpreds = self.model(input_ids=ids, attention_mask=attention_mask[idx], use_cache=False)
+                    with self._trunk.replay(
+                        self._trunk.blocks, self._trunk.depth, None if trunk is None else trunk[idx]
+                    ):
+                        logits, _, vpreds = self.model(
+                            input_ids=ids, attention_mask=attention_mask[idx], use_cache=False
+                        )
                     logprob, entropy = self._logprobs(logits[:, :-1], ids[:, 1:], train=True)
                     del logits
                     # Inputs built by the trainer: the op itself (its C++ checks remain), not functional's checks.

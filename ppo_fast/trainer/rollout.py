@@ -141,24 +141,29 @@ def build_inputs(
 @torch.no_grad()
 def forward(
     trainer: PPOTrainer, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Policy log-probs, values and reference log-probs [B, L - 1] (and the full-vocabulary KL for
-    ``kl_penalty="full"``), in chunks of ``mini_batch_size``: one chunk's logits live at a time."""
+    ``kl_penalty="full"``), in chunks of ``mini_batch_size``: one chunk's logits live at a time. Last, the output
+    of the policy's frozen trunk [B, L, H] (``trainer._trunk``; None without one), which the reference forward
+    here and the minibatch forwards reuse."""
     fbs = trainer.config.mini_batch_size
     full = trainer.config.kl_penalty == "full"
-    logprobs, values, ref_logprobs, kls = [], [], [], []
+    trunk = trainer._trunk
+    logprobs, values, ref_logprobs, kls, trunk_out = [], [], [], [], []
     trainer.model.eval()
     for i in range(0, input_ids.shape[0], fbs):
         ids, am = input_ids[i : i + fbs], attention_mask[i : i + fbs]
         labels = ids[:, 1:]
         # No KV cache: one full pass, nothing to continue (it would only hold memory).
-        logits, _, v = trainer.model(input_ids=ids, attention_mask=am, use_cache=False)
+        with trunk.capture() as captured:
+            logits, _, v = trainer.model(input_ids=ids, attention_mask=am, use_cache=False)
+        trunk_out.append(captured.get(trunk.depth))
         logits = logits[:, :-1]
         logprobs.append(trainer._logprobs(logits, labels, train=False))
         values.append(v[:, :-1].float())
         if not full:
             del logits
-        with _reference(trainer) as ref:
+        with _reference(trainer) as ref, trunk.replay(trunk.ref_blocks, trunk.ref_depth, captured.get(trunk.ref_depth)):
             ref_logits, _, _ = ref(input_ids=ids, attention_mask=am, use_cache=False)
         ref_logits = ref_logits[:, :-1]
         ref_logprobs.append(trainer._logprobs(ref_logits, labels, train=False))
@@ -167,7 +172,8 @@ def forward(
             del logits
         del ref_logits
     kl_full = torch.cat(kls) if full else None
-    return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), kl_full
+    trunk_hidden = torch.cat(trunk_out) if trunk and all(t is not None for t in trunk_out) else None
+    return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), kl_full, trunk_hidden
 
 
 @contextlib.contextmanager
