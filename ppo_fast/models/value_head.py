@@ -296,9 +296,25 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         past_key_values: Any = None,
         attention_mask: torch.Tensor | None = None,
         return_past_key_values: bool = False,
+        *,
+        logprobs_of: torch.Tensor | None = None,
+        logprobs_from: int = 0,
+        return_entropy: bool = False,
+        use_fused: bool | None = None,
         **kwargs: Any,
     ) -> tuple:
-        """input_ids/attention_mask [B, T] -> (lm_logits [B, T, V], loss or None, value [B, T]); see the class."""
+        """input_ids/attention_mask [B, T] -> (lm_logits [B, T, V], loss or None, value [B, T]); see the class.
+
+        With ``logprobs_of`` (labels [B, T'], ppo_fast's own): the logits are never built. The hidden states at
+        positions ``[logprobs_from, logprobs_from + T')`` go through the LM head chunk by chunk
+        (``ppo_fast.functional.linear_logprobs``, its ``use_fused``), and the call returns
+        ``(logprob [B, T'] fp32, entropy [B, T'] fp32 or None, value [B, T])``; gradients reach the hidden states
+        and the head. Only for a head that ``lm_head_fusable()`` accepts.
+        """
+        if logprobs_of is not None:
+            return self._forward_logprobs(
+                input_ids, attention_mask, logprobs_of, logprobs_from, return_entropy, use_fused, kwargs
+            )
         kwargs["output_hidden_states"] = True  # the value head reads the last hidden state
         if past_key_values is not None:
             # TRL's name; transformers >= 5.24 calls the KV cache `cache` (past_key_values is deprecated there).
@@ -319,6 +335,76 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             cache = output.get("cache", output.get("past_key_values"))  # dict access: no deprecation warning
             return lm_logits, output.loss, value, cache
         return lm_logits, output.loss, value
+
+    def lm_head_fusable(self) -> str | None:
+        """None when log-probs can come straight from the hidden states (``forward(logprobs_of=...)``): the LM head
+        is a plain ``nn.Linear`` (tied or not, with or without bias) applied to the backbone's last hidden state,
+        with nothing done to the logits after it. Otherwise the reason it cannot."""
+        model = self.pretrained_model
+        if _is_peft_model(model) and getattr(model.active_peft_config, "is_prompt_learning", False):
+            return "a prompt-learning PEFT adapter adds virtual tokens in the wrapped model's forward"
+        base = hf_model(model)
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if type(head) is not nn.Linear:
+            return f"the LM head is a {type(head).__name__}, not a plain nn.Linear (quantised or adapted?)"
+        backbone = getattr(base, "base_model", base)
+        if backbone is base or not isinstance(backbone, nn.Module):
+            return f"{type(base).__name__} has no separate backbone (base_model) to take hidden states from"
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        for name in _LOGIT_TRANSFORMS:
+            value = getattr(config, name, None)
+            if value is not None and value != 1:
+                return f"the model transforms its logits after the head (config.{name}={value})"
+        return None
+
+    def _forward_logprobs(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        start: int,
+        return_entropy: bool,
+        use_fused: bool | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        from ppo_fast import functional as F
+
+        reason = self.lm_head_fusable()
+        if reason is not None:
+            raise ValueError(
+                f"AutoModelForCausalLMWithValueHead.forward: logprobs_of needs a fusable LM head: {reason}"
+            )
+        base = hf_model(self.pretrained_model)
+        kwargs.pop("output_hidden_states", None)
+        output = base.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = output[0]  # the last hidden state, after the final norm (what the LM head reads)
+        if not 0 <= start <= hidden.shape[1] - labels.shape[1]:
+            raise ValueError(
+                f"AutoModelForCausalLMWithValueHead.forward: logprobs_from={start} with {labels.shape[1]} labels "
+                f"does not fit {hidden.shape[1]} positions"
+            )
+        v_in = (
+            hidden
+            if hidden.device == self.v_head.summary.weight.device
+            else hidden.to(self.v_head.summary.weight.device)
+        )
+        value = self.v_head(v_in).squeeze(-1)
+        head = base.get_output_embeddings()
+
+        def head_logprobs(h: torch.Tensor) -> Any:
+            return F.linear_logprobs(
+                h, head.weight, labels, head.bias, return_entropy=return_entropy, use_fused=use_fused
+            )
+
+        # Through the head module's own __call__, so its hooks run as for a logits forward (DeepSpeed ZeRO-3
+        # gathers the head's weight once for the whole call, and again for the backward).
+        head.forward = head_logprobs
+        try:
+            out = head(hidden[:, start : start + labels.shape[1]])
+        finally:
+            del head.forward
+        logprob, entropy = out if return_entropy else (out, None)
+        return logprob, entropy, value
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's ``generate``."""
@@ -435,6 +521,11 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
                 f"AutoModelForCausalLMWithValueHead.{call}: the model is quantized and cannot be cast to another "
                 "dtype; load it with the dtype you want (from_pretrained(..., dtype=...))"
             )
+
+
+# Config fields of models that scale or squash their logits after the LM head (Gemma 2/3 soft-capping, Cohere,
+# Granite, ...): log-probs from the head alone would be wrong for them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def _hidden_size(config: Any) -> int:

@@ -160,6 +160,13 @@ class PPOConfig:
     advantage_whitening: Literal[ADVANTAGE_WHITENING] = field(
         default="process", metadata={"help": "Whiten advantages per process (TRL) or across all processes."}
     )
+    fused_lm_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Log-probs straight from the hidden states, the [batch, length, vocab] logits never built "
+            "(default: on when the LM head is a plain linear layer; false: from the logits, as TRL)."
+        },
+    )
     cache_frozen_trunk: bool = field(
         default=True,
         metadata={
@@ -257,6 +264,8 @@ class PPOConfig:
             raise ValueError(f"PPOConfig: log_with must be None, 'wandb' or 'tensorboard'; got {self.log_with!r}")
         if self.use_fused_kernels is not None and not isinstance(self.use_fused_kernels, bool):
             raise ValueError(f"PPOConfig: use_fused_kernels must be a bool or None, got {self.use_fused_kernels!r}")
+        if self.fused_lm_head is not None and not isinstance(self.fused_lm_head, bool):
+            raise ValueError(f"PPOConfig: fused_lm_head must be a bool or None, got {self.fused_lm_head!r}")
         if not isinstance(self.cache_frozen_trunk, bool):
             raise ValueError(f"PPOConfig: cache_frozen_trunk must be a bool, got {self.cache_frozen_trunk!r}")
         backward = self.mini_batch_size * self.gradient_accumulation_steps

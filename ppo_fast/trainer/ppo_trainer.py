@@ -40,6 +40,7 @@ from ppo_fast.models import AutoModelForCausalLMWithValueHead, create_reference_
 from ppo_fast.reference import PPO_LOSS_STATS
 from ppo_fast.trainer import checkpoint as _ckpt
 from ppo_fast.trainer import generation as _generation
+from ppo_fast.trainer import lm_head as _lm_head
 from ppo_fast.trainer import rollout as _rollout
 from ppo_fast.trainer import stats as _stats
 from ppo_fast.trainer.config import PPOConfig
@@ -135,6 +136,7 @@ class PPOTrainer:
         self.current_step = 0
         self._checkpoint_state = _ckpt.TrainerState(self)  # saved by save_checkpoint as JSON, with the moments
         self._read_model_limits(tokenizer)
+        self._fused_head, self._ref_fused_head = _lm_head.select(self)
         if config.log_with is not None:
             _stats.init_trackers(self)
 
@@ -364,6 +366,27 @@ class PPOTrainer:
             use_fused=self.use_fused,
         )
 
+    def _policy_logprobs(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training forward: log-probs and entropy [mb, L - 1] (zero before ``start``, which no response
+        needs, with the fused LM head) and values [mb, L]."""
+        if self._fused_head:
+            logprob, entropy, vpreds = self.model(
+                input_ids=ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                logprobs_of=ids[:, start + 1 :],
+                logprobs_from=start,
+                return_entropy=True,
+                use_fused=self.use_fused,
+            )
+            pad = torch.nn.functional.pad
+            return pad(logprob, (start, 0)), pad(entropy, (start, 0)), vpreds
+        logits, _, vpreds = self.model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+        logprob, entropy = self._logprobs(logits[:, :-1], ids[:, 1:], train=True)
+        return logprob, entropy, vpreds
+
     # ------------------------------------------------------------------------------------ step
     def step(
         self,
@@ -400,7 +423,9 @@ class PPOTrainer:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
 
         t = time.perf_counter()
-        logprobs, values, ref_logprobs, kl_full, trunk = _rollout.forward(self, input_ids, attention_mask)
+        # The first log-prob position that any response needs: the fused LM head skips the ones before it.
+        start = min(len(q) for q in queries) - 1
+        logprobs, values, ref_logprobs, kl_full, trunk = _rollout.forward(self, input_ids, attention_mask, start)
         timing["time/ppo/forward_pass"] = time.perf_counter() - t
         if cfg.optimize_device_cache:
             _empty_device_cache(self.current_device)
@@ -413,7 +438,7 @@ class PPOTrainer:
 
         t = time.perf_counter()
         train_rows, ratios = self._optimize(
-            input_ids, attention_mask, mask, logprobs, ref_logprobs, values, rollout, trunk
+            input_ids, attention_mask, mask, logprobs, ref_logprobs, values, rollout, trunk, start
         )
         timing["time/ppo/optimize_step"] = time.perf_counter() - t
         if cfg.optimize_device_cache:
@@ -443,8 +468,10 @@ class PPOTrainer:
         old_values: torch.Tensor,
         rollout: F.RolloutAdvantages,
         trunk: torch.Tensor | None,
+        start: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """PPO epochs over shuffled minibatches (``trunk``: the frozen trunk's output from the rollout, or None).
+        """PPO epochs over shuffled minibatches (``trunk``: the frozen trunk's output from the rollout, or None;
+        ``start``: the first log-prob position a response needs).
         Returns the per-minibatch stat rows
         [n_minibatches, len(PPO_LOSS_STATS) + 1] and the policy ratios [n_minibatches x mb, T], -1 where masked."""
         cfg = self.config

@@ -140,12 +140,13 @@ def build_inputs(
 
 @torch.no_grad()
 def forward(
-    trainer: PPOTrainer, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    trainer: PPOTrainer, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Policy log-probs, values and reference log-probs [B, L - 1] (and the full-vocabulary KL for
-    ``kl_penalty="full"``), in chunks of ``mini_batch_size``: one chunk's logits live at a time. Last, the output
-    of the policy's frozen trunk [B, L, H] (``trainer._trunk``; None without one), which the reference forward
-    here and the minibatch forwards reuse."""
+    ``kl_penalty="full"``), in chunks of ``mini_batch_size``: one chunk's logits live at a time, or none with the
+    fused LM head (log-probs from ``start`` on; zero before, where no response is). Last, the output of the
+    policy's frozen trunk [B, L, H] (``trainer._trunk``; None without one), which the reference forward here and
+    the minibatch forwards reuse."""
     fbs = trainer.config.mini_batch_size
     full = trainer.config.kl_penalty == "full"
     trunk = trainer._trunk
@@ -153,27 +154,42 @@ def forward(
     trainer.model.eval()
     for i in range(0, input_ids.shape[0], fbs):
         ids, am = input_ids[i : i + fbs], attention_mask[i : i + fbs]
-        labels = ids[:, 1:]
         # No KV cache: one full pass, nothing to continue (it would only hold memory).
         with trunk.capture() as captured:
-            logits, _, v = trainer.model(input_ids=ids, attention_mask=am, use_cache=False)
-        trunk_out.append(captured.get(trunk.depth))
-        logits = logits[:, :-1]
-        logprobs.append(trainer._logprobs(logits, labels, train=False))
-        values.append(v[:, :-1].float())
+            logp, logits, v = _logprobs(trainer, trainer.model, trainer._fused_head, ids, am, start)
         if not full:
-            del logits
+            logits = None  # freed before the reference's forward
+        trunk_out.append(captured.get(trunk.depth))
+        logprobs.append(logp)
+        values.append(v[:, :-1].float())
         with _reference(trainer) as ref, trunk.replay(trunk.ref_blocks, trunk.ref_depth, captured.get(trunk.ref_depth)):
-            ref_logits, _, _ = ref(input_ids=ids, attention_mask=am, use_cache=False)
-        ref_logits = ref_logits[:, :-1]
-        ref_logprobs.append(trainer._logprobs(ref_logits, labels, train=False))
+            ref_logp, ref_logits, _ = _logprobs(trainer, ref, trainer._ref_fused_head, ids, am, start)
+        ref_logprobs.append(ref_logp)
         if full:
             kls.append(F.backend(trainer.use_fused).full_kl(logits, ref_logits, 1.0))
-            del logits
-        del ref_logits
+        del logits, ref_logits
     kl_full = torch.cat(kls) if full else None
     trunk_hidden = torch.cat(trunk_out) if trunk and all(t is not None for t in trunk_out) else None
     return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), kl_full, trunk_hidden
+
+
+def _logprobs(
+    trainer: PPOTrainer, model: Any, fused_head: bool, ids: torch.Tensor, am: torch.Tensor, start: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One model's log-probs [b, L - 1], its logits [b, L - 1, V] (None with the fused head) and values [b, L]."""
+    if fused_head:
+        logp, _, v = model(
+            input_ids=ids,
+            attention_mask=am,
+            use_cache=False,
+            logprobs_of=ids[:, start + 1 :],
+            logprobs_from=start,
+            use_fused=trainer.use_fused,
+        )
+        return torch.nn.functional.pad(logp, (start, 0)), None, v
+    logits, _, v = model(input_ids=ids, attention_mask=am, use_cache=False)
+    logits = logits[:, :-1]
+    return trainer._logprobs(logits, ids[:, 1:], train=False), logits, v
 
 
 @contextlib.contextmanager
