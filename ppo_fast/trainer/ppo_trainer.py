@@ -489,8 +489,8 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(bs).to(device)
             last_policykl = None
-            for start in range(0, bs, mbs):
-                idx = perm[start : start + mbs]
+            for first in range(0, bs, mbs):
+                idx = perm[first : first + mbs]
                 mb_mask = mask[idx]
                 with self.accelerator.accumulate(self.model):
                     self._train_mode_without_dropout()
@@ -498,11 +498,7 @@ class PPOTrainer:
                     with self._trunk.replay(
                         self._trunk.blocks, self._trunk.depth, None if trunk is None else trunk[idx]
                     ):
-                        logits, _, vpreds = self.model(
-                            input_ids=ids, attention_mask=attention_mask[idx], use_cache=False
-                        )
-                    logprob, entropy = self._logprobs(logits[:, :-1], ids[:, 1:], train=True)
-                    del logits
+                        logprob, entropy, vpreds = self._policy_logprobs(ids, attention_mask[idx], start)
                     # Inputs built by the trainer: the op itself (its C++ checks remain), not functional's checks.
                     loss, stats, _ = ops.ppo_loss(
                         logprob,
