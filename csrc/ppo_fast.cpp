@@ -66,6 +66,18 @@ TORCH_LIBRARY(ppo_fast, m) {
       "Tensor entropy, float temperature) -> ()");
   m.def("full_kl(Tensor logits, Tensor ref_logits, float temperature) -> Tensor");
 
+  // linear_logprobs: the same log-probs and entropy straight from the LM head's inputs, chunk by chunk
+  // over the tokens, never the whole [B, T, V] logits (csrc/include/ppo_fast/linear_logprobs.h).
+  // chunk_size None: the default (linear_logprobs.h). The backward's output_mask says which of
+  // (hidden, weight, bias) need a gradient; the others, and grad_bias without a bias, come back empty.
+  m.def(
+      "linear_logprobs(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, float temperature, "
+      "int? chunk_size) -> (Tensor logprob, Tensor entropy, Tensor lse)");
+  m.def(
+      "linear_logprobs_backward(Tensor grad_logprob, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+      "Tensor labels, Tensor? bias, Tensor lse, Tensor entropy, float temperature, int? chunk_size, "
+      "bool[3] output_mask) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
   // lion8bit: one fused Lion step over a list of tensors (csrc/include/ppo_fast/lion8bit.h). momentum[i] is
   // uint8 codes with absmax[i] fp32 [ceil(n / 256)] (8-bit state), or fp32 with an empty absmax[i].
   m.def(

@@ -341,3 +341,62 @@ def check_lion8bit_step(params, grads, momentum, absmax, lr, beta1, beta2, weigh
                 raise RuntimeError(f"{op}: {an} must be a contiguous dense tensor")
         elif a.numel() != 0:
             raise RuntimeError(f"{op}: {an} must be empty when {mn} is float32, got {a.numel()} elements")
+
+
+def check_chunk_size(op: str, chunk_size) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise RuntimeError(f"{op}: chunk_size must be an int >= 1 (or None for the default), got {chunk_size!r}")
+    if chunk_size < 1:
+        raise RuntimeError(f"{op}: chunk_size must be >= 1 (or None for the default), got {chunk_size}")
+
+
+def check_linear_logprobs(hidden, weight, labels, bias, temperature, chunk_size, op: str = "linear_logprobs") -> None:
+    """Mirrors csrc/host/linear_logprobs.cpp:check_inputs, in its order."""
+    check_temperature(op, temperature)
+    check_chunk_size(op, chunk_size)
+    if hidden.dim() != 3:
+        raise RuntimeError(f"{op}: hidden must be 3-D [B, T, H], got shape {_shape(hidden)}")
+    _floating(op, "hidden", hidden)
+    _device_dtype(op, "hidden", hidden)
+    _nonempty(op, "hidden", hidden)
+    B, T, H = hidden.shape
+    _same_device(op, "weight", weight, "hidden", hidden)
+    if weight.dim() != 2:
+        raise RuntimeError(f"{op}: weight must be 2-D [V, H], got shape {_shape(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise RuntimeError(f"{op}: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[1] != H:
+        raise RuntimeError(
+            f"{op}: weight must be [V, H] with H = {H} (the last dimension of hidden), got {_shape(weight)}"
+        )
+    _nonempty(op, "weight", weight)
+    V = weight.shape[0]
+    if bias is not None:
+        _same_device(op, "bias", bias, "hidden", hidden)
+        if bias.dtype != weight.dtype:
+            raise RuntimeError(f"{op}: bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
+        if bias.dim() != 1 or bias.shape[0] != V:
+            raise RuntimeError(f"{op}: bias must be [V] = [{V}] to match weight {_shape(weight)}, got {_shape(bias)}")
+    _same_device(op, "labels", labels, "hidden", hidden)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError(f"{op}: labels must be int64 or int32, got {labels.dtype}")
+    if labels.dim() != 2 or labels.shape[0] != B or labels.shape[1] != T:
+        raise RuntimeError(
+            f"{op}: labels must be [B, T] = [{B}, {T}] to match hidden {_shape(hidden)}, got {_shape(labels)}"
+        )
+
+
+def check_linear_logprobs_backward(
+    grad_logprob, grad_entropy, hidden, weight, labels, bias, lse, entropy, temperature, chunk_size
+) -> None:  # fmt: skip
+    op = "linear_logprobs_backward"
+    check_linear_logprobs(hidden, weight, labels, bias, temperature, chunk_size, op=op)
+    B, T = hidden.shape[:2]
+    for name, t in (("grad_logprob", grad_logprob), ("lse", lse), ("entropy", entropy), ("grad_entropy", grad_entropy)):
+        if t is None:
+            continue
+        _same_device(op, name, t, "hidden", hidden)
+        if t.dim() != 2 or t.shape[0] != B or t.shape[1] != T:
+            raise RuntimeError(f"{op}: {name} must be [B, T] = [{B}, {T}], got {_shape(t)}")

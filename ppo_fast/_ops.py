@@ -17,6 +17,8 @@ from ppo_fast._checks import (
     check_compute_rewards,
     check_full_kl,
     check_gae,
+    check_linear_logprobs,
+    check_linear_logprobs_backward,
     check_lion8bit_step,
     check_logprobs,
     check_logprobs_backward,
@@ -199,6 +201,52 @@ if HAS_EXT:
                 grad_logprob = torch.zeros_like(lse)
             ops.logprobs_backward_(logits, grad_logprob, grad_entropy, labels, lse, entropy, ctx.temperature)
             return logits, None, None
+
+    @torch.library.register_fake("ppo_fast::linear_logprobs")
+    def _(hidden, weight, labels, bias, temperature, chunk_size):
+        check_linear_logprobs(hidden, weight, labels, bias, temperature, chunk_size)
+        return tuple(hidden.new_empty(hidden.shape[:2], dtype=_acc_dtype(hidden)) for _ in range(3))
+
+    @torch.library.register_fake("ppo_fast::linear_logprobs_backward")
+    def _(grad_logprob, grad_entropy, hidden, weight, labels, bias, lse, entropy, temperature, chunk_size, mask):
+        check_linear_logprobs_backward(
+            grad_logprob, grad_entropy, hidden, weight, labels, bias, lse, entropy, temperature, chunk_size
+        )
+        grad_bias = bias is not None and mask[2]
+        return (
+            hidden.new_empty(hidden.shape if mask[0] else (0,)),
+            weight.new_empty(weight.shape if mask[1] else (0,)),
+            weight.new_empty(weight.shape[:1] if grad_bias else (0,)),
+        )
+
+    def _linear_logprobs_setup_context(ctx, inputs, output):
+        hidden, weight, labels, bias, temperature, chunk_size = inputs
+        ctx.save_for_backward(hidden, weight, labels, bias, output[2], output[1])
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(output[2])  # lse is saved for the backward, not a result
+
+    def _linear_logprobs_backward(ctx, grad_logprob, grad_entropy, grad_lse):
+        hidden, weight, labels, bias, lse, entropy = ctx.saved_tensors
+        if grad_logprob is None:
+            grad_logprob = torch.zeros_like(lse)
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], bias is not None and need[3]]
+        d_hidden, d_weight, d_bias = ops.linear_logprobs_backward(
+            grad_logprob, grad_entropy, hidden, weight, labels, bias, lse, entropy, ctx.temperature, ctx.chunk_size,
+            mask,
+        )  # fmt: skip
+        return (
+            d_hidden if mask[0] else None,
+            d_weight if mask[1] else None,
+            None,
+            d_bias if mask[2] else None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "ppo_fast::linear_logprobs", _linear_logprobs_backward, setup_context=_linear_logprobs_setup_context
+    )
 
     @torch.library.register_fake("ppo_fast::moments")
     def _(x, mask):

@@ -23,6 +23,7 @@ __all__ = [
     "full_kl",
     "fused_available",
     "gae",
+    "linear_logprobs",
     "logprobs_from_logits",
     "lion8bit_step_",
     "masked_whiten",
@@ -395,6 +396,49 @@ def entropy_from_logits(
     return logprobs_from_logits(logits, labels, temperature, return_entropy=True, validate=False, use_fused=use_fused)[
         1
     ]
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    validate: bool = True,
+    use_fused: bool | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``logprobs_from_logits(hidden @ weight.T + bias, labels, temperature, return_entropy)`` without
+    the [B, T, V] logits: the LM head's GEMM and the log-softmax fused, chunk by chunk over the tokens.
+
+    The B * T token rows go through ``chunk_size`` at a time: each chunk's logits [chunk, V] are one
+    GEMM (ATen's: cuBLAS on CUDA), reduced to log-prob, entropy and log-sum-exp by the log-prob
+    kernels, then overwritten by the next chunk's; the backward recomputes them. Beyond its inputs,
+    outputs and gradients the op holds about one chunk of logits, plus an fp32 accumulator of the
+    weight's gradient when the weight is not fp32. The default ``chunk_size`` (None) takes the rows
+    whose logits fill 64 MiB in the inputs' dtype, at least 256 (V = 32000 fp32: 524 rows; V = 128256
+    bf16: 261), and at most B * T.
+
+    ``hidden`` [B, T, H] fp32/bf16/fp16 (fp64 on CPU), any strides (``h[:, :-1]`` is read a chunk at a
+    time, not copied whole); ``weight`` [V, H] (the LM head's, hidden's dtype); ``bias`` [V] or None;
+    ``labels`` [B, T] int64/int32 in [0, V). Returns fp32 [B, T] ``logprob`` (fp64 for fp64 inputs),
+    and with ``return_entropy`` the tuple ``(logprob, entropy)``: ``logprobs_from_logits``'s
+    convention, so one swaps for the other. Differentiable in ``hidden``, ``weight`` and ``bias``
+    through either output; gradients come in the inputs' dtypes (the weight's and bias's accumulated
+    in fp32 across chunks), and only those that are needed are computed. ``validate`` checks the
+    labels' range (one host synchronisation); out-of-range labels otherwise give NaN. With
+    ``use_fused=False`` (or without the extension) this is ``reference.linear_logprobs``: the logits
+    whole, as the model's ``nn.Linear`` head computes them, then the log-softmax in fp32.
+    """
+    temperature = float(temperature)
+    _checks.check_linear_logprobs(hidden, weight, labels, bias, temperature, chunk_size)
+    if validate:
+        _check_label_range("linear_logprobs", labels, weight.shape[0])
+    fn = backend(use_fused).linear_logprobs
+    logprob, entropy, _ = fn(hidden, weight, labels, bias, temperature, chunk_size)
+    return (logprob, entropy) if return_entropy else logprob
 
 
 def full_kl(

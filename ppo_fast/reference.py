@@ -21,6 +21,7 @@ __all__ = [
     "gae",
     "gae_scan",
     "kl_penalty",
+    "linear_logprobs",
     "lion8bit_step_",
     "logprobs",
     "masked_mean",
@@ -542,6 +543,22 @@ def logprob_of_labels(logits: torch.Tensor, labels: torch.Tensor, temperature: f
     logp = torch.log_softmax(z, dim=-1)
     logprob = torch.gather(logp, 2, labels.long().clamp(0, V - 1).unsqueeze(2)).squeeze(2)
     return torch.where(inside, logprob, float("nan"))
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logprobs`` of the LM head's logits ``hidden @ weight.T + bias``: what a model computes with
+    its ``nn.Linear`` head (logits in the inputs' dtype, the whole [B, T, V] of them) and then
+    ``log_softmax`` + gather + entropy on them in fp32 (fp64 for fp64). ``hidden`` [B, T, H],
+    ``weight`` [V, H], ``bias`` [V] or None, ``labels`` [B, T]; returns (logprob, entropy, lse),
+    [B, T]. ``chunk_size`` is the fused op's and changes nothing here."""
+    return logprobs(torch.nn.functional.linear(hidden, weight, bias), labels, temperature)
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -119,15 +119,15 @@ void full_kl_rows(const Job& job) {
                 [&](auto s, int64_t r0, int64_t r1, auto inv_t) { full_kl_range<decltype(s)>(job, r0, r1, inv_t); });
 }
 
-constexpr Kernels kCpu{&forward, &backward, &full_kl_rows};
-
 }  // namespace
 
+const Kernels kCpuKernels{&forward, &backward, &full_kl_rows};
+
 TORCH_LIBRARY_IMPL(ppo_fast, CPU, m) {
-  m.impl("logprobs", bound<&logprobs, kCpu>);
-  m.impl("logprobs_backward", bound<&logprobs_backward, kCpu>);
-  m.impl("logprobs_backward_", bound<&logprobs_backward_, kCpu>);
-  m.impl("full_kl", bound<&full_kl, kCpu>);
+  m.impl("logprobs", bound<&logprobs, kCpuKernels>);
+  m.impl("logprobs_backward", bound<&logprobs_backward, kCpuKernels>);
+  m.impl("logprobs_backward_", bound<&logprobs_backward_, kCpuKernels>);
+  m.impl("full_kl", bound<&full_kl, kCpuKernels>);
 }
 
 }  // namespace logprobs

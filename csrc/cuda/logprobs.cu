@@ -216,15 +216,15 @@ void full_kl_rows(const Job& job) {
   });
 }
 
-constexpr Kernels kCuda{&forward, &backward, &full_kl_rows};
-
 }  // namespace
 
+const Kernels kCudaKernels{&forward, &backward, &full_kl_rows};
+
 TORCH_LIBRARY_IMPL(ppo_fast, CUDA, m) {
-  m.impl("logprobs", bound<&logprobs, kCuda>);
-  m.impl("logprobs_backward", bound<&logprobs_backward, kCuda>);
-  m.impl("logprobs_backward_", bound<&logprobs_backward_, kCuda>);
-  m.impl("full_kl", bound<&full_kl, kCuda>);
+  m.impl("logprobs", bound<&logprobs, kCudaKernels>);
+  m.impl("logprobs_backward", bound<&logprobs_backward, kCudaKernels>);
+  m.impl("logprobs_backward_", bound<&logprobs_backward_, kCudaKernels>);
+  m.impl("full_kl", bound<&full_kl, kCudaKernels>);
 }
 
 }  // namespace logprobs

@@ -155,6 +155,12 @@ struct Kernels {
   void (*full_kl)(const Job&);
 };
 
+// Each backend's table (csrc/cpu/logprobs.cpp, csrc/cuda/logprobs.cu; the CUDA one exists only in a
+// CUDA build). Besides this op's own entry points, the fused LM-head op (linear_logprobs.h) runs them
+// on each block of logits it computes.
+extern const Kernels kCpuKernels;
+extern const Kernels kCudaKernels;
+
 // The entry points (csrc/host/logprobs.cpp), one per op of the schema.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs(const Kernels& k, const at::Tensor& logits,
                                                         const at::Tensor& labels, double temperature);
