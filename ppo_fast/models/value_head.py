@@ -309,7 +309,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         positions ``[logprobs_from, logprobs_from + T')`` go through the LM head chunk by chunk
         (``ppo_fast.functional.linear_logprobs``, its ``use_fused``), and the call returns
         ``(logprob [B, T'] fp32, entropy [B, T'] fp32 or None, value [B, T])``; gradients reach the hidden states
-        and the head. Only for a head that ``lm_head_fusable()`` accepts.
+        and the head. Only for a head that ``lm_head_fusable()`` accepts. Labels are not range-checked (that would
+        synchronise with the host): one outside ``[0, V)`` gives a NaN log-prob.
         """
         if logprobs_of is not None:
             return self._forward_logprobs(
@@ -392,8 +393,9 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         head = base.get_output_embeddings()
 
         def head_logprobs(h: torch.Tensor) -> Any:
+            # No label-range check (a host synchronisation per call): an id outside [0, V) gives a NaN log-prob.
             return F.linear_logprobs(
-                h, head.weight, labels, head.bias, return_entropy=return_entropy, use_fused=use_fused
+                h, head.weight, labels, head.bias, return_entropy=return_entropy, validate=False, use_fused=use_fused
             )
 
         # Through the head module's own __call__, so its hooks run as for a logits forward (DeepSpeed ZeRO-3
