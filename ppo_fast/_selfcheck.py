@@ -230,6 +230,20 @@ def _(fused, x):
     return {"kl": _F().full_kl(logits, ref_logits, 0.9, use_fused=fused)}
 
 
+@check("linear_logprobs")
+def _(fused, x):
+    # hidden[:, :-1] as the trainer passes it (its rows gathered a chunk at a time), with a bias, in
+    # chunks of 16 of the 111 rows; gradients of all three inputs from both outputs.
+    hidden = x.randn(B, T + 1, 24).requires_grad_()
+    weight, bias = x.randn(V, 24, scale=0.6).requires_grad_(), x.randn(V).requires_grad_()
+    labels, w_lp, w_ent = x.labels(B, T, V), x.randn(B, T), x.randn(B, T)
+    lp, ent = _F().linear_logprobs(
+        hidden[:, :-1], weight, labels, bias, temperature=0.8, return_entropy=True, chunk_size=16, use_fused=fused
+    )
+    grads = torch.autograd.grad((lp * w_lp).sum() + (ent * w_ent).sum(), (hidden, weight, bias))
+    return {"logprob": lp, "entropy": ent} | dict(zip(("grad_hidden", "grad_weight", "grad_bias"), grads))
+
+
 def _state(x: Inputs) -> torch.Tensor:
     data = torch.randn(40, generator=x.g, dtype=torch.float64) * 2 + 0.5
     s = torch.stack([torch.tensor(40.0, dtype=torch.float64), data.mean(), ((data - data.mean()) ** 2).sum()])
