@@ -1,0 +1,100 @@
+"""Smoke run of ``benchmarks/compare_trl`` (ppo_fast vs TRL 0.11.4 whole steps, the floor, the reward curve).
+
+``run.py --smoke``: workload 0 (a 3-layer GPT-2 of width 32, B=4, response 8), one step per library, the
+model's floor, a 2-step reward curve with generated responses. TRL runs when its venv is present
+(``PPO_FAST_TRL_VENV`` or ``benchmarks/compare_trl/.venv-trl``), or after building it when
+``PPO_FAST_COMPARE_TRL_SETUP=1``; otherwise only the ppo_fast side runs, and a warning says so. The real
+comparison is ``python benchmarks/compare_trl/run.py`` (see its README).
+
+    PPO_FAST_BENCH_SHAPES=smoke pytest benchmarks/bench_compare_trl.py -q --benchmark-disable
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import ppo_fast
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMPARE = os.path.join(HERE, "compare_trl")
+sys.path.insert(0, COMPARE)
+import workloads as W  # noqa: E402
+
+
+def _trl_venv() -> tuple[str | None, str]:
+    venv = os.environ.get("PPO_FAST_TRL_VENV") or os.path.join(COMPARE, ".venv-trl")
+    if os.path.exists(os.path.join(venv, "bin", "python")):
+        return venv, f"TRL venv {venv}"
+    if os.environ.get("PPO_FAST_COMPARE_TRL_SETUP") == "1":
+        env = dict(os.environ, PPO_FAST_PYTHON=sys.executable)
+        subprocess.run(["bash", os.path.join(COMPARE, "setup_trl_venv.sh"), venv], check=True, env=env)
+        return venv, f"TRL venv {venv} (built now)"
+    return None, (
+        f"no TRL venv at {venv}: ran the ppo_fast side only (set PPO_FAST_TRL_VENV, or "
+        "PPO_FAST_COMPARE_TRL_SETUP=1 to build it)"
+    )
+
+
+def _records(results: dict, lib: str, mode: str) -> list[dict]:
+    return [r for r in results["records"] if r.get("lib") == lib and r.get("mode") == mode]
+
+
+@pytest.mark.slow
+def test_compare_trl_smoke(benchmark, tmp_path):
+    venv, how = _trl_venv()
+    out = tmp_path / "smoke.json"
+    cmd = [sys.executable, os.path.join(COMPARE, "run.py"), "--smoke", "--out", str(out)]
+    cmd += ["--libs", "trl,ppo_fast", "--trl-venv", venv] if venv else ["--libs", "ppo_fast"]
+    # The workers import the ppo_fast this process imported.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ppo_fast.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+
+    def run():
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    proc = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert not [r for r in results["records"] if "error" in r], proc.stderr[-3000:]
+    digest = results["init_digests"]["0"]
+
+    w = W.get(0)
+    responses = W.make_responses(w)
+    # The reward, written out: fraction of each response's ids divisible by 8, averaged over the batch.
+    expected = sum(sum(1 for t in r.tolist() if t % 8 == 0) / len(r) for r in responses) / len(responses)
+
+    (pf,) = _records(results, "ppo_fast", "time")
+    assert pf["fused"] and pf["versions"]["ppo_fast_ext"]
+    assert pf["digest"] == digest
+    assert len(pf["steps"]) == 1 and pf["steps"][0]["cpu_s"] > 0 and pf["steps"][0]["wall_s"] > 0
+    assert pf["steps"][0]["reward_mean"] == pytest.approx(expected, abs=1e-12)
+    assert pf["peak_rss_mb"] >= pf["rss_setup_mb"] > 0
+    (floor,) = _records(results, "floor", "floor")
+    assert floor["digest"] == digest and floor["trainable"] == pf["trainable"]
+    (curve,) = _records(results, "ppo_fast", "curve")
+    assert len(curve["steps"]) == 2 and all(0.0 <= s["reward_mean"] <= 1.0 for s in curve["steps"])
+    assert "| 0 | smoke gpt2-tiny" in proc.stdout
+    benchmark.extra_info["trl"] = how
+
+    if venv is None:
+        warnings.warn(how, stacklevel=1)
+        print(how)
+        return
+    (trl,) = _records(results, "trl", "time")
+    assert trl["versions"]["trl"] == "0.11.4"
+    assert trl["digest"] == digest and trl["trainable"] == pf["trainable"]
+    assert trl["steps"][0]["reward_mean"] == pytest.approx(expected, abs=1e-12)
+    # Same weights, same batch: the first rollout's statistics agree across libraries (transformers 4.46 vs 5).
+    t, p = trl["first_step_stats"], pf["first_step_stats"]
+    assert p["objective/entropy"] == pytest.approx(t["objective/entropy"], rel=1e-4)
+    assert p["ppo/mean_scores"] == pytest.approx(t["ppo/mean_scores"], abs=1e-6)
+    assert p["ppo/returns/mean"] == pytest.approx(t["ppo/returns/mean"], rel=1e-3, abs=1e-5)
+    assert p["objective/kl"] == t["objective/kl"] == 0.0  # the reference starts as the policy
+    (trl_curve,) = _records(results, "trl", "curve")
+    assert len(trl_curve["steps"]) == 2
