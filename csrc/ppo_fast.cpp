@@ -55,6 +55,10 @@ TORCH_LIBRARY(ppo_fast, m) {
       "moments_update_normalize_(Tensor(a!) state, Tensor x, Tensor? mask, bool scale, bool center, float? clip, "
       "float eps) -> (Tensor out, Tensor batch)");
 
+  // group_advantages: value-free per-sample advantages from scores in groups of group_size consecutive
+  // samples (csrc/include/ppo_fast/group_advantages.h). fp32 [N] out (fp64 for fp64 scores).
+  m.def("group_advantages(Tensor scores, int group_size, str estimator, float eps) -> Tensor");
+
   // logprobs: log-probs and entropy from logits in one pass over the vocabulary
   // (csrc/include/ppo_fast/logprobs.h). Outputs are fp32 [B, T]; lse is saved for the backward.
   m.def("logprobs(Tensor logits, Tensor labels, float temperature) -> (Tensor logprob, Tensor entropy, Tensor lse)");

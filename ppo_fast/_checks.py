@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ppo_fast._modes import AGGREGATIONS, KL_ESTIMATORS, KL_PENALTIES, one_of
+from ppo_fast._modes import AGGREGATIONS, GROUP_ESTIMATORS, KL_ESTIMATORS, KL_PENALTIES, one_of
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -226,6 +226,28 @@ def check_moments_merge(state: torch.Tensor, batches: torch.Tensor) -> None:
             f"{op}: batches must be float64 [K, 4] (count, mean, M2, non-finite per batch), got "
             f"{batches.dtype} {_shape(batches)}"
         )
+
+
+def check_group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps: float) -> None:
+    """Mirrors csrc/host/group_advantages.cpp, in its order."""
+    op = "group_advantages"
+    if estimator not in GROUP_ESTIMATORS:
+        raise RuntimeError(f"{op}: estimator must be one of {one_of(GROUP_ESTIMATORS)}, got '{estimator}'")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise RuntimeError(f"{op}: eps must be finite and >= 0, got {eps}")
+    if group_size < 1:
+        raise RuntimeError(f"{op}: group_size must be >= 1, got {group_size}")
+    _floating(op, "scores", scores)
+    if scores.dim() != 1:
+        raise RuntimeError(f"{op}: scores must be 1-D [N], got shape {_shape(scores)}")
+    _nonempty(op, "scores", scores)
+    n = scores.shape[0]
+    if n % group_size:
+        raise RuntimeError(
+            f"{op}: scores has {n} entries, not a multiple of group_size {group_size} "
+            "(each group is group_size consecutive samples)"
+        )
+    _device_dtype(op, "scores", scores)  # the CUDA kernel's dispatch
 
 
 def check_logits(op: str, name: str, logits: torch.Tensor, device_dtype: bool = True) -> None:

@@ -17,6 +17,7 @@ from ppo_fast._checks import (
     check_compute_rewards,
     check_full_kl,
     check_gae,
+    check_group_advantages,
     check_lion8bit_step,
     check_logprobs,
     check_logprobs_backward,
@@ -218,6 +219,11 @@ if HAS_EXT:
     def _(state, x, mask, scale, center, clip, eps):
         check_moments_normalize_call("moments_update_normalize_", x, mask, state, clip, eps)
         return _empty(x), x.new_empty((4,), dtype=torch.float64)
+
+    @torch.library.register_fake("ppo_fast::group_advantages")
+    def _(scores, group_size, estimator, eps):
+        check_group_advantages(scores, group_size, estimator, eps)
+        return scores.new_empty(scores.shape, dtype=_acc_dtype(scores))
 
     @torch.library.register_fake("ppo_fast::lion8bit_step_")
     def _(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay, stochastic_rounding, seed):

@@ -185,6 +185,18 @@ def _(fused, x):
     return out
 
 
+@check("group_advantages")
+def _(fused, x):
+    from ppo_fast._modes import GROUP_ESTIMATORS
+
+    scores = x.randn(60, scale=2.0, shift=0.5)
+    out = {}
+    for estimator in GROUP_ESTIMATORS:
+        for n in (1, 4, 12):
+            out[f"{estimator}/n={n}"] = _F().group_advantages(scores, n, estimator, use_fused=fused)
+    return out
+
+
 def _logits(x: Inputs):
     logits = x.randn(B, T, V, scale=2.0)
     return logits, x.labels(B, T, V)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ppo_fast._modes import AGGREGATIONS, KL_ESTIMATORS, KL_PENALTIES, one_of
+from ppo_fast._modes import AGGREGATIONS, GROUP_ESTIMATORS, KL_ESTIMATORS, KL_PENALTIES, one_of
 
 __all__ = [
     "bessel_var",
@@ -20,6 +20,7 @@ __all__ = [
     "full_kl",
     "gae",
     "gae_scan",
+    "group_advantages",
     "kl_penalty",
     "lion8bit_step_",
     "logprobs",
@@ -245,6 +246,42 @@ def rollout_advantages(
     rewards, non_score, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty)
     adv, ret = compute_advantages(values, rewards, mask, gamma, lam, whiten_rewards, carry_masked)
     return rewards, non_score, kl, adv, ret
+
+
+# ------------------------------------------------------------------------------------------------
+# Value-free advantages from groups of scores (GRPO, Dr. GRPO, RLOO, REINFORCE++), verl's
+# compute_*_outcome_advantage with a group as consecutive samples.
+
+GROUP_EPS = 1e-6  # verl's epsilon in GRPO's (s - mean) / (std + eps)
+
+
+def group_advantages(
+    scores: torch.Tensor, group_size: int, estimator: str = "grpo", eps: float = GROUP_EPS
+) -> torch.Tensor:
+    """Per-sample advantages [N] from ``scores`` [N] in groups of ``group_size`` consecutive samples,
+    fp32 (fp64 for fp64 scores), group moments in fp64: ``grpo`` (s - mean) / (std + eps) with the
+    Bessel-corrected std, 0 for a group of one or a zero deviation; ``dr_grpo`` and
+    ``reinforce_pp_baseline`` s - mean; ``rloo`` s - (sum - s) / (n - 1), 0 for a group of one;
+    ``reinforce_pp`` s. NaN or inf in a group spreads to the group's advantages by the arithmetic."""
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {one_of(GROUP_ESTIMATORS)}, got {estimator!r}")
+    out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    n = group_size
+    s = scores.double().reshape(-1, n)
+    total = s.sum(1, keepdim=True)
+    mean = total / n
+    zero = torch.zeros_like(s)
+    if estimator == "grpo":
+        d = s - mean
+        std = (d.square().sum(1, keepdim=True) / max(n - 1, 1)).sqrt()
+        adv = zero if n < 2 else torch.where(d == 0, zero, d / (std + eps))
+    elif estimator in ("dr_grpo", "reinforce_pp_baseline"):
+        adv = s - mean
+    elif estimator == "rloo":
+        adv = zero if n < 2 else s - (total - s) / (n - 1)
+    else:
+        adv = s
+    return adv.reshape(-1).to(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
