@@ -52,7 +52,7 @@ def ppo_loss_workload() -> int:
             ref = (lp.float() + 0.1 * torch.randn(B, T, generator=g)).to(dtype)
             m = torch.rand(B, T, generator=g) > 0.3
             for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"):
-                kw = dict(kl_coef=0.1, kl_estimator="k3", dual_clip=3.0, aggregation=agg)
+                kw = dict(kl_coef=0.1, kl_estimator="k3", dual_clip=3.0, aggregation=agg, cliprange_high=0.28)
                 outs = []
                 for dev in ("cpu", "cuda"):
                     x = [t.to(dev).requires_grad_(i < 2) for i, t in enumerate((lp, v, old, v_old, adv, ret))]

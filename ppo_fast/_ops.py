@@ -131,15 +131,18 @@ if HAS_EXT:
         return _empty(logprobs), _empty(logprobs)
 
     def _ppo_loss_setup_context(ctx, inputs, output):
-        tensors, scalars = inputs[:8], inputs[8:15]  # the backward needs no aggregation/threshold: row_scale has them
+        # The backward needs no aggregation/threshold (row_scale has them); cliprange_high comes last.
+        tensors, scalars = inputs[:8], inputs[8:15]
+        cliprange_high = inputs[17] if len(inputs) > 17 else None
         ctx.save_for_backward(*tensors, output[2])
-        ctx.scalars = scalars
+        ctx.scalars = (*scalars, cliprange_high)
+        ctx.n_inputs = len(inputs)
         ctx.mark_non_differentiable(output[1], output[2])  # stats and row_scale carry no gradient
 
     def _ppo_loss_backward(ctx, grad_loss, grad_stats, grad_row_scale):
         *tensors, row_scale = ctx.saved_tensors
         d_logprobs, d_vpreds = ops.ppo_loss_backward(grad_loss, row_scale, *tensors, *ctx.scalars)
-        return (d_logprobs, d_vpreds) + (None,) * 15
+        return (d_logprobs, d_vpreds) + (None,) * (ctx.n_inputs - 2)
 
     torch.library.register_autograd("ppo_fast::ppo_loss", _ppo_loss_backward, setup_context=_ppo_loss_setup_context)
 

@@ -174,10 +174,10 @@ def _(fused, x):
     vpreds = (old_values + x.randn(B, T, scale=0.3)).requires_grad_()
     advantages, returns = x.randn(B, T), x.randn(B, T)
     out = {}
-    for agg, kl_coef, dual in (("token_mean", 0.0, None), ("seq_mean_token_mean", 0.05, 3.0)):
+    for agg, kl_coef, dual, high in (("token_mean", 0.0, None, None), ("seq_mean_token_mean", 0.05, 3.0, 0.28)):
         loss, stats = _F().ppo_loss(
             logprobs, vpreds, old, old_values, advantages, returns, mask, ref,
-            kl_coef=kl_coef, dual_clip=dual, aggregation=agg, use_fused=fused,
+            kl_coef=kl_coef, dual_clip=dual, aggregation=agg, cliprange_high=high, use_fused=fused,
         )  # fmt: skip
         d_logprobs, d_vpreds = torch.autograd.grad(loss, (logprobs, vpreds))
         out |= {f"{agg}/loss": loss, f"{agg}/stats": stats["_vector"]}

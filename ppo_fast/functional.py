@@ -207,13 +207,15 @@ def ppo_loss(
     log_ratio_clamp: float | None = None,
     aggregation: str = "token_mean",
     ratio_threshold: float = 10.0,
+    cliprange_high: float | None = None,
     use_fused: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TRL's clipped PPO loss with value clipping, in one pass, with all of its minibatch statistics.
 
     ``ratio = exp(logprobs - old_logprobs)`` (optionally clamped in log space to
     ``[-log_ratio_clamp, log_ratio_clamp]``); ``pg = max(-A ratio, -A clip(ratio, 1 - cliprange,
-    1 + cliprange))``, bounded by ``-A dual_clip`` where ``A < 0`` when ``dual_clip`` is set;
+    1 + cliprange_high))`` (``cliprange_high`` None: ``cliprange``; a larger one is DAPO's clip-higher,
+    Yu et al. 2025), bounded by ``-A dual_clip`` where ``A < 0`` when ``dual_clip`` is set;
     ``vf = 0.5 max((v - R)^2, (clip(v, old_v - cliprange_value, old_v + cliprange_value) - R)^2)``;
     ``loss = agg(pg) + vf_coef agg(vf) + kl_coef agg(kl)`` with ``kl`` the ``kl_estimator`` (k1, k2,
     k3) of ``logprobs`` against ``ref_logprobs``. ``aggregation``: ``token_mean`` (TRL: mean over all
@@ -234,7 +236,7 @@ def ppo_loss(
         None if dual_clip is None else float(dual_clip),
         None if log_ratio_clamp is None else float(log_ratio_clamp),
     )
-    scalars += (aggregation, float(ratio_threshold))
+    scalars += (aggregation, float(ratio_threshold), None if cliprange_high is None else float(cliprange_high))
     tensors = (logprobs, vpreds, old_logprobs.detach(), old_values.detach(), advantages.detach(), returns.detach())
     ref = None if ref_logprobs is None else ref_logprobs.detach()
     _checks.check_ppo_loss(*tensors, mask, ref, *scalars)

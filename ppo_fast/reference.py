@@ -353,8 +353,10 @@ def ppo_loss(
     log_ratio_clamp: float | None = None,
     aggregation: str = "token_mean",
     ratio_threshold: float = 10.0,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TRL's clipped PPO loss. [B, T] inputs; gradients flow to ``logprobs`` and ``vpreds``.
+    """TRL's clipped PPO loss. [B, T] inputs; gradients flow to ``logprobs`` and ``vpreds``. The ratio
+    is clipped to ``[1 - cliprange, 1 + cliprange_high]`` (DAPO's clip-higher; None: ``cliprange``).
 
     Returns ``(loss, stats, row_scale)``: the scalar loss, the statistics in the order of
     ``PPO_LOSS_STATS``, and each row's weight d loss / d token term (0 when skipped), all fp32 (fp64
@@ -384,7 +386,8 @@ def ppo_loss(
     clamped = clamp_log_ratio(log_ratio)
     ratio = torch.exp(clamped)
     pg_losses = -adv * ratio
-    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    high = cliprange if cliprange_high is None else cliprange_high
+    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     pg = torch.maximum(pg_losses, pg_losses2)
     dual_clipped = torch.zeros_like(pg, dtype=torch.bool)
     if dual_clip is not None:
