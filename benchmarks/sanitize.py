@@ -52,7 +52,7 @@ def ppo_loss_workload() -> int:
             ref = (lp.float() + 0.1 * torch.randn(B, T, generator=g)).to(dtype)
             m = torch.rand(B, T, generator=g) > 0.3
             for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"):
-                kw = dict(kl_coef=0.1, kl_estimator="k3", dual_clip=3.0, aggregation=agg)
+                kw = dict(kl_coef=0.1, kl_estimator="k3", dual_clip=3.0, aggregation=agg, cliprange_high=0.28)
                 outs = []
                 for dev in ("cpu", "cuda"):
                     x = [t.to(dev).requires_grad_(i < 2) for i, t in enumerate((lp, v, old, v_old, adv, ret))]
@@ -143,7 +143,21 @@ def lion8bit_workload() -> int:
     return bad
 
 
+def group_advantages_workload() -> int:
+    bad = 0
+    g = torch.Generator().manual_seed(5)
+    for n, groups in [(1, 7), (3, 33), (8, 100), (33, 5), (64, 9), (1000, 2)]:  # partial warps, strided lanes
+        for dtype in (torch.float32, torch.bfloat16):
+            s = (torch.randn(n * groups, generator=g) * 2).to(dtype)
+            for estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "reinforce_pp"):
+                got = F.group_advantages(s.cuda(), n, estimator)
+                bad += not torch.allclose(got.cpu(), F.group_advantages(s, n, estimator), rtol=1e-5, atol=1e-5)
+    torch.cuda.synchronize()
+    return bad
+
+
 if __name__ == "__main__":
     bad = gae_workload() + ppo_loss_workload() + moments_workload() + logprobs_workload() + lion8bit_workload()
+    bad += group_advantages_workload()
     print(f"sanitize workload: {bad} mismatches")
     raise SystemExit(1 if bad else 0)

@@ -32,17 +32,19 @@ TORCH_LIBRARY(ppo_fast, m) {
 
   // ppo_loss: clipped PPO loss with value clipping and KL penalty (csrc/include/ppo_fast/ppo_loss.h).
   // row_scale [B] is d loss / d token term for each row (0 when ratio_threshold skipped the batch);
-  // the forward saves it for the backward, which is then elementwise.
+  // the forward saves it for the backward, which is then elementwise. cliprange_high (last, so that
+  // positional calls written before it keep their meaning): the ratio's upper clip 1 + cliprange_high,
+  // None for 1 + cliprange.
   m.def(
       "ppo_loss(Tensor logprobs, Tensor vpreds, Tensor old_logprobs, Tensor old_values, Tensor advantages, "
       "Tensor returns, Tensor mask, Tensor? ref_logprobs, float cliprange, float cliprange_value, float vf_coef, "
       "float kl_coef, str kl_estimator, float? dual_clip, float? log_ratio_clamp, str aggregation, "
-      "float ratio_threshold) -> (Tensor loss, Tensor stats, Tensor row_scale)");
+      "float ratio_threshold, float? cliprange_high=None) -> (Tensor loss, Tensor stats, Tensor row_scale)");
   m.def(
       "ppo_loss_backward(Tensor grad_loss, Tensor row_scale, Tensor logprobs, Tensor vpreds, Tensor old_logprobs, "
       "Tensor old_values, Tensor advantages, Tensor returns, Tensor mask, Tensor? ref_logprobs, float cliprange, "
       "float cliprange_value, float vf_coef, float kl_coef, str kl_estimator, float? dual_clip, "
-      "float? log_ratio_clamp) -> (Tensor grad_logprobs, Tensor grad_vpreds)");
+      "float? log_ratio_clamp, float? cliprange_high=None) -> (Tensor grad_logprobs, Tensor grad_vpreds)");
 
   // moments: running reward moments, normalisation and clipping (csrc/include/ppo_fast/moments.h).
   // Batch moments and states are float64 [4]: (count, mean, M2, non-finite) / (count, mean, M2, rejected).
@@ -54,6 +56,10 @@ TORCH_LIBRARY(ppo_fast, m) {
   m.def(
       "moments_update_normalize_(Tensor(a!) state, Tensor x, Tensor? mask, bool scale, bool center, float? clip, "
       "float eps) -> (Tensor out, Tensor batch)");
+
+  // group_advantages: value-free per-sample advantages from scores in groups of group_size consecutive
+  // samples (csrc/include/ppo_fast/group_advantages.h). fp32 [N] out (fp64 for fp64 scores).
+  m.def("group_advantages(Tensor scores, int group_size, str estimator, float eps) -> Tensor");
 
   // logprobs: log-probs and entropy from logits in one pass over the vocabulary
   // (csrc/include/ppo_fast/logprobs.h). Outputs are fp32 [B, T]; lse is saved for the backward.

@@ -6,6 +6,7 @@ write positive movie-review continuations, scored by a word lexicon; on 2 CPU co
 reward climbs from about 0 to 1.0.
 
     python examples/ppo.py
+    python examples/ppo.py --advantage_estimator grpo --group_size 4   # GRPO: 4 responses per prompt, no value head
     python examples/ppo.py --log_with wandb --use_score_scaling --use_score_norm --score_clip 0.5
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/ppo.py \\
         --model_name_or_path gpt2 --reward_model sentiment-analysis:lvwerra/distilbert-imdb \\
@@ -18,7 +19,12 @@ tuned for the tiny model (``TINY_PRESET``); flags you pass always win.
 What a run writes under ``--output_dir``: ``metrics.jsonl`` (one JSON object per step: every scalar statistic of
 ``trainer.step`` under TRL's names, the reward mean/std, and one sample), ``training_curves.png`` (reward, KL and
 loss per step), ``checkpoint-<step>/`` every ``--save_every`` steps, ``final_model/`` (loadable with
-``AutoModelForCausalLMWithValueHead.from_pretrained``), and ``tiny_model/`` when the embedded model is used.
+``AutoModelForCausalLMWithValueHead.from_pretrained``), ``tiny_model/`` when the embedded model is used, and
+``comparison_curves.png`` with ``--compare_with OTHER_RUN_DIR`` (both runs' reward and KL on the same axes).
+
+With ``--group_size N`` (a group estimator: grpo, dr_grpo, rloo, reinforce_pp_baseline) each process takes
+``batch_size / N`` prompts per step and samples N responses to each, kept consecutive, so ``--batch_size`` counts
+responses and every group stays on one process.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from ppo_support import (  # noqa: E402
     ensure_tiny_model,
     parse_reward_spec,
     read_metrics,
+    write_comparison_plot,
     write_plot,
 )
 
@@ -185,6 +192,13 @@ class ScriptArguments:
     log_samples_every: int = field(
         default=10, metadata={"help": "Print one (prompt, response, reward) every N steps; 0: never."}
     )
+    compare_with: str | None = field(
+        default=None,
+        metadata={
+            "help": "Another run's --output_dir: at the end, also plot this run's reward and KL next to that run's "
+            "(from its metrics.jsonl) in <output_dir>/comparison_curves.png."
+        },
+    )
 
     def __post_init__(self) -> None:
         def at_least(name: str, lo: int) -> None:
@@ -279,6 +293,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ScriptArguments, PPOC
         or _check_dataset(script.dataset)
         or _check_resume(script)
     )
+    if script.compare_with is not None and not (Path(script.compare_with) / "metrics.jsonl").is_file():
+        error = (
+            error or f"argument --compare_with: {script.compare_with} holds no metrics.jsonl (not a run's output_dir)"
+        )
     if error:
         parser.error(error)
     if script.max_steps == -1:
@@ -597,7 +615,8 @@ def _finite(value: float) -> float | None:
 # --------------------------------------------------------------------------------------------------- training
 @dataclass
 class Run:
-    """One training run: what ``setup`` built, and how far into the prompt stream all processes have read."""
+    """One training run: what ``setup`` built, and how far into the prompt stream all processes have read
+    (``samples_seen`` prompts; with ``group_size`` N each prompt gives N samples)."""
 
     script: ScriptArguments
     config: PPOConfig
@@ -681,8 +700,8 @@ def resume_or_start(run: Run) -> None:
     if script.resume_from_checkpoint:
         # After everything above: load_checkpoint also restores every process's RNG, which the setup consumed.
         state = trainer.load_checkpoint(script.resume_from_checkpoint) or {}
-        world, bs = trainer.accelerator.num_processes, run.config.batch_size
-        run.samples_seen = int(state.get("samples_seen", trainer.current_step * bs * world))
+        world, per = trainer.accelerator.num_processes, run.config.batch_size // run.config.group_size
+        run.samples_seen = int(state.get("samples_seen", trainer.current_step * per * world))
         if main_process:
             # Drop what a previous run logged after this checkpoint, so the log has each step once.
             kept = [r for r in read_metrics(run.metrics_path) if r["step"] <= trainer.current_step]
@@ -726,10 +745,13 @@ def ppo_step(run: Run, gen_kwargs: dict[str, Any], progress: Any) -> None:
     import torch
 
     trainer, script = run.trainer, run.script
-    acc, bs = trainer.accelerator, run.config.batch_size
+    acc, n = trainer.accelerator, run.config.group_size
+    per = run.config.batch_size // n  # prompts per process; each is sampled n times, the copies consecutive
     t_step = time.perf_counter()
-    prompt_texts, queries = run.prompts.batch(run.samples_seen + acc.process_index * bs, bs)
-    run.samples_seen += bs * acc.num_processes
+    prompt_texts, queries = run.prompts.batch(run.samples_seen + acc.process_index * per, per)
+    run.samples_seen += per * acc.num_processes
+    prompt_texts = [t for t in prompt_texts for _ in range(n)]
+    queries = [q for q in queries for _ in range(n)]
     responses = trainer.generate(queries, return_prompt=False, batch_size=script.generation_batch_size, **gen_kwargs)
     response_texts = run.tokenizer.batch_decode(responses, skip_special_tokens=True)
     rewards = [torch.tensor(r, dtype=torch.float32) for r in run.reward_fn(prompt_texts, response_texts)]
@@ -773,6 +795,10 @@ def finish(run: Run, t_start: float) -> None:
     if trainer.accelerator.is_main_process:
         records = read_metrics(run.metrics_path)
         plotted = write_plot(records, output_dir / "training_curves.png") if records else False
+        if records and run.script.compare_with is not None:  # each run labelled by its directory's name
+            other = Path(run.script.compare_with).resolve()
+            runs = {other.name: read_metrics(other / "metrics.jsonl"), output_dir.resolve().name: records}
+            plotted = write_comparison_plot(runs, output_dir / "comparison_curves.png") and plotted
         elapsed = time.perf_counter() - t_start
         if records:
             k = max(1, min(5, len(records) // 2))

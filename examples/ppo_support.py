@@ -208,3 +208,36 @@ def write_plot(records: list[dict[str, Any]], path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def write_comparison_plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Several runs' reward (mean, with its std band) and KL per step on shared axes, one line per run, as a PNG;
+    False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn(
+            "ppo.py: matplotlib is not installed, so no plot (pip install 'ppo_fast[examples]')", stacklevel=2
+        )
+        return False
+    shown = PLOTTED[:2]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 3.2), constrained_layout=True)
+    for label, records in runs.items():
+        steps = [r["step"] for r in records]
+        for ax, (key, title) in zip(axes, shown):
+            values = [r.get(key, math.nan) for r in records]
+            (line,) = ax.plot(steps, values, label=label)
+            if key == "env/reward_mean":
+                std = [r.get("env/reward_std", 0.0) for r in records]
+                lo, hi = [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)]
+                ax.fill_between(steps, lo, hi, alpha=0.15, color=line.get_color())
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

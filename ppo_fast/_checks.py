@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ppo_fast._modes import AGGREGATIONS, KL_ESTIMATORS, KL_PENALTIES, one_of
+from ppo_fast._modes import AGGREGATIONS, GROUP_ESTIMATORS, KL_ESTIMATORS, KL_PENALTIES, one_of
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -143,7 +143,9 @@ def check_rollout_advantages(scores, logprobs, ref_logprobs, values, mask, kl_co
 PPO_LOSS_TENSORS = ("vpreds", "old_logprobs", "old_values", "advantages", "returns")
 
 
-def check_ppo_loss_params(op, cliprange, cliprange_value, vf_coef, kl_coef, kl_estimator, dual_clip, log_ratio_clamp):
+def check_ppo_loss_params(
+    op, cliprange, cliprange_value, vf_coef, kl_coef, kl_estimator, dual_clip, log_ratio_clamp, cliprange_high=None
+):
     for name, v in (("cliprange", cliprange), ("cliprange_value", cliprange_value), ("vf_coef", vf_coef)):
         _finite(op, name, v)
     _finite(op, "kl_coef", kl_coef)
@@ -151,6 +153,8 @@ def check_ppo_loss_params(op, cliprange, cliprange_value, vf_coef, kl_coef, kl_e
         raise RuntimeError(f"{op}: cliprange must be >= 0, got {cliprange}")
     if cliprange_value < 0:
         raise RuntimeError(f"{op}: cliprange_value must be >= 0, got {cliprange_value}")
+    if cliprange_high is not None and not (math.isfinite(cliprange_high) and cliprange_high >= 0):
+        raise RuntimeError(f"{op}: cliprange_high must be finite and >= 0 (or None), got {cliprange_high}")
     if kl_estimator not in KL_ESTIMATORS:
         raise RuntimeError(f"{op}: kl_estimator must be one of {one_of(KL_ESTIMATORS)}, got '{kl_estimator}'")
     if dual_clip is not None and not (math.isfinite(dual_clip) and dual_clip > 1.0):
@@ -172,10 +176,12 @@ def check_ppo_loss_tensors(op, logprobs, vpreds, old_logprobs, old_values, advan
 
 def check_ppo_loss(
     logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, cliprange, cliprange_value,
-    vf_coef, kl_coef, kl_estimator, dual_clip, log_ratio_clamp, aggregation, ratio_threshold,
+    vf_coef, kl_coef, kl_estimator, dual_clip, log_ratio_clamp, aggregation, ratio_threshold, cliprange_high=None,
 ) -> None:  # fmt: skip
     op = "ppo_loss"
-    check_ppo_loss_params(op, cliprange, cliprange_value, vf_coef, kl_coef, kl_estimator, dual_clip, log_ratio_clamp)
+    check_ppo_loss_params(
+        op, cliprange, cliprange_value, vf_coef, kl_coef, kl_estimator, dual_clip, log_ratio_clamp, cliprange_high
+    )
     if aggregation not in AGGREGATIONS:
         raise RuntimeError(f"{op}: aggregation must be one of {one_of(AGGREGATIONS)}, got '{aggregation}'")
     if math.isnan(ratio_threshold) or ratio_threshold <= 0:
@@ -226,6 +232,28 @@ def check_moments_merge(state: torch.Tensor, batches: torch.Tensor) -> None:
             f"{op}: batches must be float64 [K, 4] (count, mean, M2, non-finite per batch), got "
             f"{batches.dtype} {_shape(batches)}"
         )
+
+
+def check_group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps: float) -> None:
+    """Mirrors csrc/host/group_advantages.cpp, in its order."""
+    op = "group_advantages"
+    if estimator not in GROUP_ESTIMATORS:
+        raise RuntimeError(f"{op}: estimator must be one of {one_of(GROUP_ESTIMATORS)}, got '{estimator}'")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise RuntimeError(f"{op}: eps must be finite and >= 0, got {eps}")
+    if group_size < 1:
+        raise RuntimeError(f"{op}: group_size must be >= 1, got {group_size}")
+    _floating(op, "scores", scores)
+    if scores.dim() != 1:
+        raise RuntimeError(f"{op}: scores must be 1-D [N], got shape {_shape(scores)}")
+    _nonempty(op, "scores", scores)
+    n = scores.shape[0]
+    if n % group_size:
+        raise RuntimeError(
+            f"{op}: scores has {n} entries, not a multiple of group_size {group_size} "
+            "(each group is group_size consecutive samples)"
+        )
+    _device_dtype(op, "scores", scores)  # the CUDA kernel's dispatch
 
 
 def check_logits(op: str, name: str, logits: torch.Tensor, device_dtype: bool = True) -> None:

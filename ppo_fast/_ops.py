@@ -19,6 +19,7 @@ from ppo_fast._checks import (
     check_gae,
     check_linear_logprobs,
     check_linear_logprobs_backward,
+    check_group_advantages,
     check_lion8bit_step,
     check_logprobs,
     check_logprobs_backward,
@@ -132,15 +133,18 @@ if HAS_EXT:
         return _empty(logprobs), _empty(logprobs)
 
     def _ppo_loss_setup_context(ctx, inputs, output):
-        tensors, scalars = inputs[:8], inputs[8:15]  # the backward needs no aggregation/threshold: row_scale has them
+        # The backward needs no aggregation/threshold (row_scale has them); cliprange_high comes last.
+        tensors, scalars = inputs[:8], inputs[8:15]
+        cliprange_high = inputs[17] if len(inputs) > 17 else None
         ctx.save_for_backward(*tensors, output[2])
-        ctx.scalars = scalars
+        ctx.scalars = (*scalars, cliprange_high)
+        ctx.n_inputs = len(inputs)
         ctx.mark_non_differentiable(output[1], output[2])  # stats and row_scale carry no gradient
 
     def _ppo_loss_backward(ctx, grad_loss, grad_stats, grad_row_scale):
         *tensors, row_scale = ctx.saved_tensors
         d_logprobs, d_vpreds = ops.ppo_loss_backward(grad_loss, row_scale, *tensors, *ctx.scalars)
-        return (d_logprobs, d_vpreds) + (None,) * 15
+        return (d_logprobs, d_vpreds) + (None,) * (ctx.n_inputs - 2)
 
     torch.library.register_autograd("ppo_fast::ppo_loss", _ppo_loss_backward, setup_context=_ppo_loss_setup_context)
 
@@ -266,6 +270,11 @@ if HAS_EXT:
     def _(state, x, mask, scale, center, clip, eps):
         check_moments_normalize_call("moments_update_normalize_", x, mask, state, clip, eps)
         return _empty(x), x.new_empty((4,), dtype=torch.float64)
+
+    @torch.library.register_fake("ppo_fast::group_advantages")
+    def _(scores, group_size, estimator, eps):
+        check_group_advantages(scores, group_size, estimator, eps)
+        return scores.new_empty(scores.shape, dtype=_acc_dtype(scores))
 
     @torch.library.register_fake("ppo_fast::lion8bit_step_")
     def _(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay, stochastic_rounding, seed):

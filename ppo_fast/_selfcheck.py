@@ -174,14 +174,26 @@ def _(fused, x):
     vpreds = (old_values + x.randn(B, T, scale=0.3)).requires_grad_()
     advantages, returns = x.randn(B, T), x.randn(B, T)
     out = {}
-    for agg, kl_coef, dual in (("token_mean", 0.0, None), ("seq_mean_token_mean", 0.05, 3.0)):
+    for agg, kl_coef, dual, high in (("token_mean", 0.0, None, None), ("seq_mean_token_mean", 0.05, 3.0, 0.28)):
         loss, stats = _F().ppo_loss(
             logprobs, vpreds, old, old_values, advantages, returns, mask, ref,
-            kl_coef=kl_coef, dual_clip=dual, aggregation=agg, use_fused=fused,
+            kl_coef=kl_coef, dual_clip=dual, aggregation=agg, cliprange_high=high, use_fused=fused,
         )  # fmt: skip
         d_logprobs, d_vpreds = torch.autograd.grad(loss, (logprobs, vpreds))
         out |= {f"{agg}/loss": loss, f"{agg}/stats": stats["_vector"]}
         out |= {f"{agg}/grad_logprobs": d_logprobs, f"{agg}/grad_vpreds": d_vpreds}
+    return out
+
+
+@check("group_advantages")
+def _(fused, x):
+    from ppo_fast._modes import GROUP_ESTIMATORS
+
+    scores = x.randn(60, scale=2.0, shift=0.5)
+    out = {}
+    for estimator in GROUP_ESTIMATORS:
+        for n in (1, 4, 12):
+            out[f"{estimator}/n={n}"] = _F().group_advantages(scores, n, estimator, use_fused=fused)
     return out
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "full_kl",
     "fused_available",
     "gae",
+    "group_advantages",
     "linear_logprobs",
     "logprobs_from_logits",
     "lion8bit_step_",
@@ -207,13 +208,15 @@ def ppo_loss(
     log_ratio_clamp: float | None = None,
     aggregation: str = "token_mean",
     ratio_threshold: float = 10.0,
+    cliprange_high: float | None = None,
     use_fused: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TRL's clipped PPO loss with value clipping, in one pass, with all of its minibatch statistics.
 
     ``ratio = exp(logprobs - old_logprobs)`` (optionally clamped in log space to
     ``[-log_ratio_clamp, log_ratio_clamp]``); ``pg = max(-A ratio, -A clip(ratio, 1 - cliprange,
-    1 + cliprange))``, bounded by ``-A dual_clip`` where ``A < 0`` when ``dual_clip`` is set;
+    1 + cliprange_high))`` (``cliprange_high`` None: ``cliprange``; a larger one is DAPO's clip-higher,
+    Yu et al. 2025), bounded by ``-A dual_clip`` where ``A < 0`` when ``dual_clip`` is set;
     ``vf = 0.5 max((v - R)^2, (clip(v, old_v - cliprange_value, old_v + cliprange_value) - R)^2)``;
     ``loss = agg(pg) + vf_coef agg(vf) + kl_coef agg(kl)`` with ``kl`` the ``kl_estimator`` (k1, k2,
     k3) of ``logprobs`` against ``ref_logprobs``. ``aggregation``: ``token_mean`` (TRL: mean over all
@@ -234,7 +237,7 @@ def ppo_loss(
         None if dual_clip is None else float(dual_clip),
         None if log_ratio_clamp is None else float(log_ratio_clamp),
     )
-    scalars += (aggregation, float(ratio_threshold))
+    scalars += (aggregation, float(ratio_threshold), None if cliprange_high is None else float(cliprange_high))
     tensors = (logprobs, vpreds, old_logprobs.detach(), old_values.detach(), advantages.detach(), returns.detach())
     ref = None if ref_logprobs is None else ref_logprobs.detach()
     _checks.check_ppo_loss(*tensors, mask, ref, *scalars)
@@ -243,6 +246,45 @@ def ppo_loss(
     named = dict(zip(reference.PPO_LOSS_STATS, stats.unbind(0), strict=True))
     named["_vector"] = stats
     return loss, named
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    estimator: str = "grpo",
+    *,
+    eps: float = reference.GROUP_EPS,
+    validate: bool = True,
+    use_fused: bool | None = None,
+) -> torch.Tensor:
+    """Value-free per-sample advantages from ``scores`` [N] (fp32, bf16, fp16; fp64 on CPU), whose
+    consecutive runs of ``group_size`` samples are groups (the responses to one prompt); N must be a
+    multiple of ``group_size``. With the group's mean, sum and Bessel-corrected std:
+
+    * ``grpo``: ``(s - mean) / (std + eps)``; 0 for a group of one (and for a zero deviation);
+    * ``dr_grpo``: ``s - mean``;
+    * ``rloo``: ``s - (sum - s) / (n - 1)``, the mean of the group's other samples as the baseline; 0
+      for a group of one;
+    * ``reinforce_pp_baseline``: ``s - mean`` (the trainer then whitens it over the batch's tokens);
+    * ``reinforce_pp``: ``s`` (the trainer builds token-level returns from it).
+
+    Returns fp32 [N] (fp64 for fp64 scores); group moments accumulate in fp64. On CUDA one launch, no
+    host synchronisation. ``validate`` first checks that the scores are finite (one host
+    synchronisation on CUDA) and raises naming the positions; without it a NaN or inf spreads to its
+    group's advantages.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise RuntimeError(f"group_advantages: group_size must be an int, got {group_size!r}")
+    eps = float(eps)
+    _checks.check_group_advantages(scores, group_size, estimator, eps)
+    if validate:
+        bad = ~torch.isfinite(scores)
+        if bad.any():  # one host synchronisation; validate=False skips it
+            where = bad.nonzero().flatten().tolist()
+            shown = ", ".join(map(str, where[:8])) + (f" and {len(where) - 8} more" if len(where) > 8 else "")
+            raise RuntimeError(f"group_advantages: scores must be finite; NaN or inf at {shown}")
+    fn = backend(use_fused).group_advantages
+    return fn(scores.detach(), group_size, estimator, eps)
 
 
 def moments(x: torch.Tensor, mask: torch.Tensor | None = None, *, use_fused: bool | None = None) -> torch.Tensor:

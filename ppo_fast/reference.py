@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ppo_fast._modes import AGGREGATIONS, KL_ESTIMATORS, KL_PENALTIES, one_of
+from ppo_fast._modes import AGGREGATIONS, GROUP_ESTIMATORS, KL_ESTIMATORS, KL_PENALTIES, one_of
 
 __all__ = [
     "bessel_var",
@@ -20,6 +20,7 @@ __all__ = [
     "full_kl",
     "gae",
     "gae_scan",
+    "group_advantages",
     "kl_penalty",
     "linear_logprobs",
     "lion8bit_step_",
@@ -249,6 +250,42 @@ def rollout_advantages(
 
 
 # ------------------------------------------------------------------------------------------------
+# Value-free advantages from groups of scores (GRPO, Dr. GRPO, RLOO, REINFORCE++), verl's
+# compute_*_outcome_advantage with a group as consecutive samples.
+
+GROUP_EPS = 1e-6  # verl's epsilon in GRPO's (s - mean) / (std + eps)
+
+
+def group_advantages(
+    scores: torch.Tensor, group_size: int, estimator: str = "grpo", eps: float = GROUP_EPS
+) -> torch.Tensor:
+    """Per-sample advantages [N] from ``scores`` [N] in groups of ``group_size`` consecutive samples,
+    fp32 (fp64 for fp64 scores), group moments in fp64: ``grpo`` (s - mean) / (std + eps) with the
+    Bessel-corrected std, 0 for a group of one or a zero deviation; ``dr_grpo`` and
+    ``reinforce_pp_baseline`` s - mean; ``rloo`` s - (sum - s) / (n - 1), 0 for a group of one;
+    ``reinforce_pp`` s. NaN or inf in a group spreads to the group's advantages by the arithmetic."""
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {one_of(GROUP_ESTIMATORS)}, got {estimator!r}")
+    out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    n = group_size
+    s = scores.double().reshape(-1, n)
+    total = s.sum(1, keepdim=True)
+    mean = total / n
+    zero = torch.zeros_like(s)
+    if estimator == "grpo":
+        d = s - mean
+        std = (d.square().sum(1, keepdim=True) / max(n - 1, 1)).sqrt()
+        adv = zero if n < 2 else torch.where(d == 0, zero, d / (std + eps))
+    elif estimator in ("dr_grpo", "reinforce_pp_baseline"):
+        adv = s - mean
+    elif estimator == "rloo":
+        adv = zero if n < 2 else s - (total - s) / (n - 1)
+    else:
+        adv = s
+    return adv.reshape(-1).to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
 # Clipped PPO loss (TRL 0.11's PPOTrainer.loss, plus a KL-to-reference term, dual clip, log-ratio
 # clamp and loss aggregation modes).
 
@@ -317,8 +354,10 @@ def ppo_loss(
     log_ratio_clamp: float | None = None,
     aggregation: str = "token_mean",
     ratio_threshold: float = 10.0,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TRL's clipped PPO loss. [B, T] inputs; gradients flow to ``logprobs`` and ``vpreds``.
+    """TRL's clipped PPO loss. [B, T] inputs; gradients flow to ``logprobs`` and ``vpreds``. The ratio
+    is clipped to ``[1 - cliprange, 1 + cliprange_high]`` (DAPO's clip-higher; None: ``cliprange``).
 
     Returns ``(loss, stats, row_scale)``: the scalar loss, the statistics in the order of
     ``PPO_LOSS_STATS``, and each row's weight d loss / d token term (0 when skipped), all fp32 (fp64
@@ -348,7 +387,8 @@ def ppo_loss(
     clamped = clamp_log_ratio(log_ratio)
     ratio = torch.exp(clamped)
     pg_losses = -adv * ratio
-    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    high = cliprange if cliprange_high is None else cliprange_high
+    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     pg = torch.maximum(pg_losses, pg_losses2)
     dual_clipped = torch.zeros_like(pg, dtype=torch.bool)
     if dual_clip is not None:

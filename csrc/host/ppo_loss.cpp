@@ -58,15 +58,20 @@ Tensors check_inputs(const char* op, const at::Tensor& logprobs, const at::Tenso
 
 Params check_params(const char* op, double cliprange, double cliprange_value, double vf_coef, double kl_coef,
                     const std::string& kl_estimator, std::optional<double> dual_clip,
-                    std::optional<double> log_ratio_clamp) {
+                    std::optional<double> log_ratio_clamp, std::optional<double> cliprange_high) {
   check::finite(op, "cliprange", cliprange);
   check::finite(op, "cliprange_value", cliprange_value);
   check::finite(op, "vf_coef", vf_coef);
   check::finite(op, "kl_coef", kl_coef);
   TORCH_CHECK(cliprange >= 0, op, ": cliprange must be >= 0, got ", cliprange);
   TORCH_CHECK(cliprange_value >= 0, op, ": cliprange_value must be >= 0, got ", cliprange_value);
+  if (cliprange_high) {
+    TORCH_CHECK(std::isfinite(*cliprange_high) && *cliprange_high >= 0, op,
+                ": cliprange_high must be finite and >= 0 (or None), got ", *cliprange_high);
+  }
   Params p{};
   p.cliprange = cliprange;
+  p.cliprange_high = cliprange_high.value_or(cliprange);
   p.cliprange_value = cliprange_value;
   p.kl_coef = kl_coef;
   p.kl_estimator = parse_kl_estimator(op, kl_estimator);
@@ -118,10 +123,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss(
     const at::Tensor& old_values, const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
     const std::optional<at::Tensor>& ref_logprobs, double cliprange, double cliprange_value, double vf_coef,
     double kl_coef, c10::string_view kl_estimator, std::optional<double> dual_clip,
-    std::optional<double> log_ratio_clamp, c10::string_view aggregation, double ratio_threshold) {
+    std::optional<double> log_ratio_clamp, c10::string_view aggregation, double ratio_threshold,
+    std::optional<double> cliprange_high) {
   const char* op = "ppo_loss";
   const Params p = check_params(op, cliprange, cliprange_value, vf_coef, kl_coef, std::string(kl_estimator), dual_clip,
-                                log_ratio_clamp);
+                                log_ratio_clamp, cliprange_high);
   const int agg_mode = parse_aggregation(op, std::string(aggregation));
   check_ratio_threshold(op, ratio_threshold);
   const Tensors t =
@@ -145,10 +151,10 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_backward(
     const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
     const std::optional<at::Tensor>& ref_logprobs, double cliprange, double cliprange_value, double vf_coef,
     double kl_coef, c10::string_view kl_estimator, std::optional<double> dual_clip,
-    std::optional<double> log_ratio_clamp) {
+    std::optional<double> log_ratio_clamp, std::optional<double> cliprange_high) {
   const char* op = "ppo_loss_backward";
   const Params p = check_params(op, cliprange, cliprange_value, vf_coef, kl_coef, std::string(kl_estimator), dual_clip,
-                                log_ratio_clamp);
+                                log_ratio_clamp, cliprange_high);
   const Tensors t =
       check_inputs(op, logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask, ref_logprobs, kl_coef);
   const int64_t B = logprobs.size(0);

@@ -1,5 +1,6 @@
 """``PPOConfig``: every field of TRL 0.11's ``PPOConfig`` with its default, plus ppo_fast's own
-(fused kernels, KL in the loss, dual clip, loss aggregation, global advantage whitening).
+(fused kernels, KL in the loss, dual clip, loss aggregation, global advantage whitening, the value-free
+advantage estimators GRPO / Dr. GRPO / RLOO / REINFORCE++, GSPO's sequence-level ratio, DAPO's clip-higher).
 
 It is a plain dataclass, so ``transformers.HfArgumentParser(PPOConfig)`` turns it into command-line
 flags (``--use_score_scaling --use_score_norm --score_clip 0.5``); ``PPOConfig.from_args()`` does
@@ -18,7 +19,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ppo_fast._modes import ADVANTAGE_WHITENING, AGGREGATIONS, CONFIG_KL_PENALTIES, KL_ESTIMATORS
+from ppo_fast._modes import (
+    ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_WHITENING,
+    AGGREGATIONS,
+    CONFIG_KL_PENALTIES,
+    GROUPED_ESTIMATORS,
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+)
 
 __all__ = ["JSONDict", "PPOConfig"]
 
@@ -178,6 +187,28 @@ class PPOConfig:
     log_ratio_clamp: float | None = field(
         default=None, metadata={"help": "Clamp log(ratio) to [-c, c] before exp (guards against overflow)."}
     )
+    cliprange_high: float | None = field(
+        default=None,
+        metadata={"help": "Upper clip of the ratio, 1 + cliprange_high (DAPO's clip-higher; default: cliprange)."},
+    )
+    advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] = field(
+        default="gae",
+        metadata={
+            "help": "gae (value head, TRL) or value-free: grpo, dr_grpo, rloo, reinforce_pp_baseline (need "
+            "group_size >= 2), reinforce_pp."
+        },
+    )
+    group_size: int = field(
+        default=1,
+        metadata={
+            "help": "Responses per prompt: each run of group_size consecutive samples of a batch is one group "
+            "(batch_size per process must be a multiple of it)."
+        },
+    )
+    importance_sampling_level: Literal[IMPORTANCE_SAMPLING_LEVELS] = field(
+        default="token",
+        metadata={"help": "token: PPO's per-token ratio; sequence: GSPO's length-normalised sequence ratio."},
+    )
 
     def __post_init__(self) -> None:
         if self.optimize_cuda_cache is not None:
@@ -256,10 +287,16 @@ class PPOConfig:
             number("dual_clip", 1.0, open_lo=True)
         if self.log_ratio_clamp is not None:
             number("log_ratio_clamp", 0.0, open_lo=True)
+        if self.cliprange_high is not None:
+            number("cliprange_high", 0.0)
         choice("kl_penalty", CONFIG_KL_PENALTIES)
         choice("kl_estimator", KL_ESTIMATORS)
         choice("loss_aggregation", AGGREGATIONS)
         choice("advantage_whitening", ADVANTAGE_WHITENING)
+        choice("advantage_estimator", ADVANTAGE_ESTIMATORS)
+        choice("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+        positive_int("group_size")
+        self._validate_groups()
         if self.log_with not in (None, "wandb", "tensorboard"):
             raise ValueError(f"PPOConfig: log_with must be None, 'wandb' or 'tensorboard'; got {self.log_with!r}")
         if self.use_fused_kernels is not None and not isinstance(self.use_fused_kernels, bool):
@@ -275,6 +312,34 @@ class PPOConfig:
                 f"x gradient_accumulation_steps ({self.mini_batch_size} x {self.gradient_accumulation_steps} "
                 f"= {backward})"
             )
+
+    def _validate_groups(self) -> None:
+        est, n = self.advantage_estimator, self.group_size
+        if est in GROUPED_ESTIMATORS and n < 2:
+            raise ValueError(
+                f"PPOConfig: advantage_estimator={est!r} takes its baseline from the other responses to the same "
+                f"prompt, so it needs group_size >= 2 (got {n}); sample group_size responses per prompt"
+            )
+        if est not in GROUPED_ESTIMATORS and n != 1:
+            raise ValueError(
+                f"PPOConfig: group_size={n} needs a group estimator (advantage_estimator one of "
+                f"{', '.join(GROUPED_ESTIMATORS)}); {est!r} does not use groups, so group_size must be 1"
+            )
+        if self.batch_size % n:
+            raise ValueError(
+                f"PPOConfig: batch_size ({self.batch_size}, per process) must be a multiple of group_size ({n}): "
+                "each process holds whole groups"
+            )
+        if self.whiten_rewards and est not in ("gae", "reinforce_pp"):
+            raise ValueError(
+                f"PPOConfig: whiten_rewards whitens per-token rewards before the return scan, which only gae and "
+                f"reinforce_pp run; advantage_estimator={est!r} uses the sequence's total reward"
+            )
+
+    @property
+    def uses_value_head(self) -> bool:
+        """Whether the value head is trained and its loss is in the objective (gae only)."""
+        return self.advantage_estimator == "gae"
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a flat dict (what the tracker records)."""

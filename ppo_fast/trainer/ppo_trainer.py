@@ -39,6 +39,7 @@ from ppo_fast import functional as F
 from ppo_fast.models import AutoModelForCausalLMWithValueHead, create_reference_model
 from ppo_fast.reference import PPO_LOSS_STATS
 from ppo_fast.trainer import checkpoint as _ckpt
+from ppo_fast.trainer import estimators as _estimators
 from ppo_fast.trainer import generation as _generation
 from ppo_fast.trainer import lm_head as _lm_head
 from ppo_fast.trainer import rollout as _rollout
@@ -105,6 +106,7 @@ class PPOTrainer:
         training_data_collator: Callable | None = None,
     ):
         config = PPOConfig() if config is None else config
+        model, ref_model = _estimators.accept_models(config, model, ref_model)  # value-free: no value head needed
         self._check_init_args(config, model, ref_model, tokenizer, optimizer, num_shared_layers, lr_scheduler)
         self.config = config
         self.use_fused = self._select_kernels(config)
@@ -433,7 +435,11 @@ class PPOTrainer:
         t = time.perf_counter()
         maskf = mask.to(values.dtype)
         values = values * maskf
-        rollout = _rollout.advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_full)
+        if cfg.uses_value_head:
+            rollout = _rollout.advantages(self, scores, logprobs, ref_logprobs, values, mask, kl_full)
+        else:  # value-free: the loss sees vpreds = old values = returns, so its value term is exactly 0
+            rollout = _estimators.advantages(self, scores, logprobs, ref_logprobs, mask, kl_full)
+            values = rollout.returns
         timing["time/ppo/compute_advantages"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -448,6 +454,8 @@ class PPOTrainer:
         stats = _stats.step_stats(
             self, scores, logprobs, ref_logprobs, mask, rollout, train_rows, ratios, queries, responses
         )
+        if not cfg.uses_value_head:
+            _estimators.drop_value_stats(stats)
         timing["time/ppo/calc_stats"] = time.perf_counter() - t
         stats["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size * self.accelerator.num_processes)
@@ -480,11 +488,13 @@ class PPOTrainer:
         rows, ratios = [], []
         use_ref = cfg.kl_loss_coef > 0
         ops = F.backend(self.use_fused)
+        vf_coef = float(cfg.vf_coef) if cfg.uses_value_head else 0.0  # value-free: no value loss
         loss_scalars = (
-            float(cfg.cliprange), float(cfg.cliprange_value), float(cfg.vf_coef), float(cfg.kl_loss_coef),
+            float(cfg.cliprange), float(cfg.cliprange_value), vf_coef, float(cfg.kl_loss_coef),
             cfg.kl_estimator, None if cfg.dual_clip is None else float(cfg.dual_clip),
             None if cfg.log_ratio_clamp is None else float(cfg.log_ratio_clamp),
             cfg.loss_aggregation, float(cfg.ratio_threshold),
+            None if cfg.cliprange_high is None else float(cfg.cliprange_high),
         )  # fmt: skip
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(bs).to(device)
@@ -499,16 +509,20 @@ class PPOTrainer:
                         self._trunk.blocks, self._trunk.depth, None if trunk is None else trunk[idx]
                     ):
                         logprob, entropy, vpreds = self._policy_logprobs(ids, attention_mask[idx], start)
+                    # GSPO (importance_sampling_level="sequence"): the sequence ratio through the same op.
+                    logprob, mb_ref = _estimators.importance_logprobs(
+                        cfg, logprob, old_logprobs[idx], ref_logprobs[idx] if use_ref else None, mb_mask
+                    )
                     # Inputs built by the trainer: the op itself (its C++ checks remain), not functional's checks.
                     loss, stats, _ = ops.ppo_loss(
                         logprob,
-                        vpreds[:, :-1],
+                        vpreds[:, :-1] if cfg.uses_value_head else old_values[idx],
                         old_logprobs[idx],
                         old_values[idx],
                         rollout.advantages[idx],
                         rollout.returns[idx],
                         mb_mask,
-                        ref_logprobs[idx] if use_ref else None,
+                        mb_ref,
                         *loss_scalars,
                     )
                     self.accelerator.backward(loss)

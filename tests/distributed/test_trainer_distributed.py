@@ -60,6 +60,23 @@ def test_two_processes_match_one_process_on_the_global_batch(launched, single):
             assert got0["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
 
 
+def test_grpo_two_processes_match_one_process(launched, single):
+    """A value-free estimator under DDP: each rank holds one whole group (batch_size per process is a multiple of
+    group_size), so its advantages are the one-process ones; the frozen value head needs no gradient from DDP."""
+    name, _, ranks = launched
+    if name != "ddp":
+        assert all("grpo" not in r for r in ranks)
+        return
+    for step, want in enumerate(single["grpo"]["steps"]):
+        got0, got1 = ranks[0]["grpo"]["steps"][step], ranks[1]["grpo"]["steps"][step]
+        assert got0 == got1, step
+        assert got0["params"] == pytest.approx(want["params"], rel=1e-8)
+        for key, value in want["stats"].items():
+            assert got0["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+    for r in (*ranks, single):
+        assert r["grpo"]["value_head_moved"] is False and r["grpo"]["value_stats"] == []
+
+
 def test_8bit_client_optimizers(launched):
     _, _, ranks = launched
     for name in ("adam8bit", "lion8bit"):

@@ -11,6 +11,8 @@ Recorded per rank: the stats of each step (parity run), a checksum of the full p
   (parameters and statistics must agree across ranks);
 * ``early_stop``: the all-reduced early-stopping rule fed a different policy KL on each rank, and a real step
   with early_stopping=True (epochs run);
+* ``grpo`` (one process and DDP only): a value-free run (GRPO, groups of 4, so each of two ranks holds one whole
+  group; GSPO's sequence ratio, clip-higher), its stats and parameters, and whether the value head moved;
 * ZeRO-3: the reference's local parameter count (sharded, not replicated), generation with gathered
   parameters (GatheredParameters entries per ``generate``), a reward model built inside
   ``zero3_init_disabled`` (full on every rank), a checkpoint and ``save_pretrained`` under WORK_DIR.
@@ -115,6 +117,31 @@ def parity(tokenizer, rank: int, world: int, steps: int = 3) -> tuple[dict, PPOT
     record = {"steps": history, "distributed_type": trainer.accelerator.distributed_type.value}
     record["num_processes"] = trainer.accelerator.num_processes
     return record, trainer
+
+
+def grpo_parity(tokenizer, rank: int, world: int, steps: int = 2) -> dict:
+    policy = _policy(seed=3)
+    v_head = [p.detach().clone() for p in policy.v_head.parameters()]
+    config = PPOConfig(
+        batch_size=GLOBAL_BATCH // world,
+        mini_batch_size=GLOBAL_BATCH // world,
+        ppo_epochs=2,
+        learning_rate=0.05,
+        advantage_estimator="grpo",
+        group_size=4,
+        importance_sampling_level="sequence",
+        cliprange_high=0.28,
+        seed=0,
+    )
+    trainer = PPOTrainer(config, policy, None, tokenizer, optimizer=torch.optim.SGD(policy.parameters(), lr=0.05))
+    keys = [k for k in PARITY_KEYS if k not in ("ppo/loss/value", "ppo/val/clipfrac")]
+    history = []
+    for s in range(steps):
+        stats = trainer.step(*_local(_global_batch(30 + s), rank, world))
+        history.append({"stats": {k: float(stats[k]) for k in keys}, "params": _full_params(trainer)})
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    moved = any(not torch.equal(p, q) for p, q in zip(unwrapped.v_head.parameters(), v_head))
+    return {"steps": history, "value_head_moved": moved, "value_stats": sorted(k for k in stats if "/val/" in k)}
 
 
 def optimizers(tokenizer, rank: int, world: int) -> dict:
@@ -259,6 +286,8 @@ def main(out: str, work_dir: str | None = None, mode: str = "train") -> None:
         record["zero_stage"] = stage
         if stage == 3:
             record["zero3"] = zero3(tokenizer, trainer, work_dir, rank, world)
+    if world == 1 or record["zero_stage"] == 0:
+        record["grpo"] = grpo_parity(tokenizer, rank, world)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(record, f)
     shut_down(trainer.accelerator)

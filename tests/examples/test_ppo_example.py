@@ -142,6 +142,9 @@ def test_resume_latest_finds_the_newest_complete_checkpoint(tmp_path):
         (["--dataset", "{tmp}/prompts.jsonl"], "argument --dataset: no such file: {tmp}/prompts.jsonl"),
         (["--resume_from_checkpoint", "{tmp}/checkpoint-3"], "argument --resume_from_checkpoint: no such checkpoint"),
         (["--resume_from_checkpoint", "latest", "--output_dir", "{tmp}"], "'latest' but {tmp} has no checkpoint"),
+        (["--advantage_estimator", "grpo"], "argument --advantage_estimator: advantage_estimator='grpo' takes its"),
+        (["--advantage_estimator", "grpo", "--group_size", "5"], "argument --batch_size: batch_size (32, per process)"),
+        (["--compare_with", "{tmp}"], "argument --compare_with: {tmp} holds no metrics.jsonl"),
     ],
 )
 def test_bad_flags_exit_naming_the_flag(args, message, tmp_path, capsys):
@@ -299,6 +302,25 @@ def test_end_to_end_writes_log_plot_checkpoints_and_model(run_a):
         assert not torch.equal(trained[key], mid[key])  # it trained between the checkpoints
     for key, value in model.pretrained_model.state_dict().items():
         torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=key)
+
+
+def test_grpo_samples_groups_and_trains_without_the_value_head(run_a, tmp_path):
+    """--advantage_estimator grpo --group_size 4: batch_size 8 counts responses (2 prompts x 4 per step), the value
+    head does not train while the LM does, no value statistics are logged, and --compare_with plots both runs."""
+    out = tmp_path / "grpo"
+    _run("--output_dir", out, "--max_steps", "2", *TINY_RUN, "--advantage_estimator", "grpo", "--group_size", "4",
+         "--compare_with", run_a, "--save_every", "1")  # fmt: skip
+    records = _metrics(out)
+    assert [r["samples"] for r in records] == [8, 8]
+    assert all("ppo/loss/value" not in r and "ppo/val/error" not in r for r in records)
+    assert all(isinstance(r["ppo/loss/policy"], float) for r in records)
+    assert json.loads((out / "checkpoint-2" / "user_state.json").read_text())["samples_seen"] == 2 * 2  # prompts
+    one, two = _state_dict(out / "checkpoint-1"), _state_dict(out / "checkpoint-2")
+    for key in ("v_head.summary.weight", "v_head.summary.bias"):
+        assert torch.equal(one[key], two[key]), key
+    assert any(not torch.equal(one[k], two[k]) for k in one if not k.startswith("v_head."))
+    png = (out / "comparison_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_resume_continues_as_the_uninterrupted_run(run_a, tmp_path):

@@ -49,6 +49,7 @@ ARGS = (
     "log_ratio_clamp",
     "aggregation",
     "ratio_threshold",
+    "cliprange_high",
 )
 TENSORS = ARGS[:8]
 DEFAULTS = dict(
@@ -61,6 +62,7 @@ DEFAULTS = dict(
     log_ratio_clamp=None,
     aggregation="token_mean",
     ratio_threshold=10.0,
+    cliprange_high=None,
 )
 
 FP32_TOL = 1e-5  # rtol; atol relative to max(1, |ref|) (loss, stats) or max|ref| (gradients)
@@ -171,9 +173,10 @@ def near_kinks(a: dict, rel: float = 1e-5) -> torch.Tensor:
         near |= close(lr.abs(), c, max(1.0, c))
         lr = lr.clamp(-c, c)
     ratio, eps, adv = lr.exp(), a["cliprange"], x["advantages"]
-    near |= close(ratio, 1 + eps, ratio) | close(ratio, 1 - eps, ratio)
+    eps_high = eps if a.get("cliprange_high") is None else a["cliprange_high"]
+    near |= close(ratio, 1 + eps_high, ratio) | close(ratio, 1 - eps, ratio)
     if a["dual_clip"] is not None:
-        pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))
+        pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps_high))
         bound = -adv * a["dual_clip"]
         near |= (adv < 0) & close(pg, bound, bound.abs())
     v, ov, ret, cv = x["vpreds"], x["old_values"], x["returns"], a["cliprange_value"]
@@ -330,6 +333,77 @@ def test_clipranges(device, rand, dtype, cliprange, cliprange_value, vf_coef):
         assert (d_v == 0).all()
     if cliprange_value >= 10:  # the value clip never binds
         assert stat(stats, "val/clipfrac") == 0
+
+
+@pytest.mark.parametrize("cliprange,cliprange_high", [(0.2, 0.28), (0.1, 0.5), (0.2, 0.0), (0.0, 0.3)])
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.ids)
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_cliprange_high(device, rand, dtype, cliprange, cliprange_high, aggregation):
+    """DAPO's clip-higher: the ratio clipped to [1 - cliprange, 1 + cliprange_high], forward and
+    backward against the reference, and the clip fraction against the formula written here."""
+    x = make_inputs(rand, 5, 41, dtype, device, "gaps", lr_scale=0.5)
+    a = with_args(x, cliprange=cliprange, cliprange_high=cliprange_high, dual_clip=3.0, aggregation=aggregation)
+    (_, stats, _, _), _ = check_fused(a)
+    x64 = {k: H.as_double(v) for k, v in x.items() if v is not None}
+    m = x64["mask"].double()
+    ratio, adv = torch.exp(x64["logprobs"] - x64["old_logprobs"]), x64["advantages"]
+    clipped = (-adv * ratio.clamp(1 - cliprange, 1 + cliprange_high)) > (-adv * ratio)
+    frac = (clipped.double() * m).sum() / m.sum()
+    assert abs(stat(stats, "policy/clipfrac") - frac.item()) <= (1e-6 if dtype == torch.float32 else 0.05)
+
+
+def test_cliprange_high_none_is_cliprange(device, rand):
+    x = make_inputs(rand, 3, 33, torch.float32, device, "gaps", lr_scale=0.5)
+    same = forward_backward("fused", with_args(x, cliprange=0.15, cliprange_high=0.15))
+    default = forward_backward("fused", with_args(x, cliprange=0.15))
+    for p, q in zip(same, default, strict=True):
+        assert torch.equal(p, q)
+    wider = forward_backward("fused", with_args(x, cliprange=0.15, cliprange_high=0.4))
+    assert not torch.equal(wider[0], default[0])  # the upper clip moved: the loss changed
+
+
+def test_cliprange_high_gradient_at_boundaries():
+    """The ratio exactly on 1 + cliprange_high and on 1 - cliprange, with the two clip ranges
+    different (both exp(+-0.25) - 1 apart from 1, binary-exact): torch.clamp passes the gradient on
+    its closed boundaries, so the full -A r / n flows on both, in the fused op and the reference; a
+    ratio between 1 + cliprange and 1 + cliprange_high is unclipped (A > 0 gets its gradient)."""
+    hi = torch.exp(torch.tensor(0.25, dtype=torch.float64)).item()
+    lo = torch.exp(torch.tensor(-0.25, dtype=torch.float64)).item()
+    n = 4
+    for lr, kw in (
+        (0.25, dict(cliprange=0.1, cliprange_high=hi - 1.0)),
+        (-0.25, dict(cliprange=1.0 - lo, cliprange_high=0.05)),
+    ):
+        x = _tie_case([-1.0 + lr] * n, [-1.0] * n, [0.5, -0.5, 2.0, -2.0], [0.0] * n, [0.0] * n, [0.0] * n)
+        _, stats, d_lp, _ = _compare_tie(with_args(x, **kw))
+        r = torch.exp(x["logprobs"] - x["old_logprobs"])
+        assert r.eq(hi if lr > 0 else lo).all()
+        torch.testing.assert_close(d_lp, -x["advantages"] * r / n, rtol=1e-15, atol=0)
+        assert stat(stats, "policy/clipfrac") == 0.0
+    # ratio exp(0.25) with cliprange 0.1 < 0.284 < cliprange_high 0.3: inside the range for A > 0
+    x = _tie_case([-0.75] * n, [-1.0] * n, [1.0, 2.0, -1.0, -2.0], [0.0] * n, [0.0] * n, [0.0] * n)
+    _, stats, d_lp, _ = _compare_tie(with_args(x, cliprange=0.1, cliprange_high=0.3))
+    torch.testing.assert_close(d_lp, -x["advantages"] * hi / n, rtol=1e-15, atol=0)
+    assert stat(stats, "policy/clipfrac") == 0.0
+    # the same with the symmetric 0.1: A > 0 is clipped (no gradient), A < 0 is not
+    _, stats, d_lp, _ = _compare_tie(with_args(x, cliprange=0.1))
+    want = torch.tensor([[0.0, 0.0, 1.0 * hi / n, 2.0 * hi / n]], dtype=torch.float64)
+    torch.testing.assert_close(d_lp, want, rtol=1e-15, atol=0)
+    assert stat(stats, "policy/clipfrac") == 0.5
+
+
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_gradcheck_cliprange_high(rand, aggregation):
+    # 1 - 0.15 (log -0.16) and 1 + 0.5 (log 0.41) are clear of smooth_inputs' log-ratio bands; the band
+    # (0.25, 0.35) is inside [1 - 0.15, 1 + 0.5] but beyond 1 + 0.15: clip-higher is what keeps it unclipped.
+    x = smooth_inputs(rand, 3, 8)
+    a = with_args(x, cliprange=0.15, cliprange_high=0.5, dual_clip=1.75, aggregation=aggregation)
+
+    def fn(lp, v):
+        return call("fused", dict(a, logprobs=lp, vpreds=v))[0]
+
+    lp, v = x["logprobs"].clone().requires_grad_(), x["vpreds"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(fn, (lp, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_float64_cpu(rand):
@@ -949,6 +1023,7 @@ def _opcheck_cases(rand, device):
         with_args(dict(x, mask=x["mask"].long()), ratio_threshold=1.0001),
         with_args(xb, kl_coef=0.05, kl_estimator="k2", dual_clip=3.0, mask=xb["mask"].to(torch.bfloat16)),
         with_args(y, cliprange=0.0, cliprange_value=0.0, vf_coef=1.0),
+        with_args(x, cliprange=0.1, cliprange_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator="k3"),
     ]
 
 
@@ -967,7 +1042,7 @@ def test_opcheck_backward(device, rand):
         args = [a[k] for k in ARGS]
         _, _, row_scale = ops.ppo_loss(*args)
         grad = torch.tensor(1.5, device=device)
-        bwd = [grad, row_scale, *args[:15]]  # no aggregation / ratio_threshold: row_scale has them
+        bwd = [grad, row_scale, *args[:15], a["cliprange_high"]]  # no aggregation / ratio_threshold: row_scale has them
         torch.library.opcheck(ops.ppo_loss_backward.default, bwd)
 
 
@@ -1133,6 +1208,15 @@ def _bad_cases():
                 over(cliprange_value=float("inf")),
                 r"ppo_loss: cliprange_value must be finite, got inf",
             ),
+            "cliprange_high-neg": (
+                over(cliprange_high=-0.1),
+                r"ppo_loss: cliprange_high must be finite and >= 0 \(or None\), got -0.1",
+            ),
+            "cliprange_high-inf": (
+                over(cliprange_high=float("inf")),
+                r"ppo_loss: cliprange_high must be finite and >= 0 \(or None\), got inf",
+            ),
+            "cliprange_high-nan": (over(cliprange_high=float("nan")), r"ppo_loss: cliprange_high must be finite .*nan"),
             "vf_coef-nan": (over(vf_coef=float("nan")), r"ppo_loss: vf_coef must be finite, got nan"),
             "kl_coef-nan": (over(kl_coef=float("nan")), r"ppo_loss: kl_coef must be finite, got nan"),
             "kl_coef-inf": (over(kl_coef=float("-inf")), r"ppo_loss: kl_coef must be finite, got -inf"),

@@ -1,8 +1,9 @@
 // Clipped PPO loss with value clipping and a KL penalty, per token, written once for CPU and CUDA:
-//   r = exp(logp - old);  pg = max(-A r, -A clip(r, 1 - eps, 1 + eps))   [dual clip: min(pg, -A c) if A < 0]
+//   r = exp(logp - old);  pg = max(-A r, -A clip(r, 1 - eps, 1 + eps_high))   [dual clip: min(pg, -A c) if A < 0]
 //   vf = 0.5 max((v - R)^2, (clip(v, v_old - cv, v_old + cv) - R)^2);  kl = k1 | k2 | k3 (logp, ref)
 //   loss = agg(pg) + vf_coef agg(vf) + kl_coef agg(kl)
-// (Schulman et al. 2017; TRL 0.11 PPOTrainer.loss; dual clip: Ye et al. 2020.) The backward is the
+// (Schulman et al. 2017; TRL 0.11 PPOTrainer.loss; dual clip: Ye et al. 2020; the decoupled upper
+// clip eps_high, "clip-higher": Yu et al. 2025, DAPO; eps_high = eps is PPO's.) The backward is the
 // derivative of the eager formula under autograd, ties included: torch.maximum/minimum send half
 // the gradient to each side of a tie, torch.clamp passes it on both closed boundaries.
 #pragma once
@@ -20,7 +21,8 @@ enum KlEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2 };
 enum Aggregation : int { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2 };
 
 struct Params {
-  double cliprange;
+  double cliprange;       // the ratio's lower clip: 1 - cliprange
+  double cliprange_high;  // its upper clip: 1 + cliprange_high (= cliprange unless given)
   double cliprange_value;
   double kl_coef;  // 0: no KL term (ref_logprobs may be absent)
   int kl_estimator;
@@ -99,9 +101,8 @@ C10_HOST_DEVICE inline Token<T> token_forward(T logp, T v, T old, T v_old, T adv
   const T c = static_cast<T>(p.log_ratio_clamp);
   const T lr = p.has_log_ratio_clamp ? clamp_(t.log_ratio, -c, c) : t.log_ratio;
   t.ratio = exp_(lr);
-  const T eps = static_cast<T>(p.cliprange);
   const T pg1 = -adv * t.ratio;
-  const T pg2 = -adv * clamp_(t.ratio, T(1) - eps, T(1) + eps);
+  const T pg2 = -adv * clamp_(t.ratio, T(1) - static_cast<T>(p.cliprange), T(1) + static_cast<T>(p.cliprange_high));
   t.pg_clipped = pg2 > pg1;
   T pg = max_(pg1, pg2);
   t.dual_clipped = false;
@@ -150,8 +151,7 @@ C10_HOST_DEVICE inline void token_backward(T logp, T v, T old, T v_old, T adv, T
     lr = clamp_(log_ratio, -c, c);
   }
   const T ratio = exp_(lr);
-  const T eps = static_cast<T>(p.cliprange);
-  const T lo = T(1) - eps, hi = T(1) + eps;
+  const T lo = T(1) - static_cast<T>(p.cliprange), hi = T(1) + static_cast<T>(p.cliprange_high);
   const T pg1 = -adv * ratio;
   const T pg2 = -adv * clamp_(ratio, lo, hi);
   // d pg / d ratio through both branches of the max.
@@ -390,14 +390,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss(
     const at::Tensor& old_values, const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
     const std::optional<at::Tensor>& ref_logprobs, double cliprange, double cliprange_value, double vf_coef,
     double kl_coef, c10::string_view kl_estimator, std::optional<double> dual_clip,
-    std::optional<double> log_ratio_clamp, c10::string_view aggregation, double ratio_threshold);
+    std::optional<double> log_ratio_clamp, c10::string_view aggregation, double ratio_threshold,
+    std::optional<double> cliprange_high);
 std::tuple<at::Tensor, at::Tensor> ppo_loss_backward(
     const Kernels& k, const at::Tensor& grad_loss, const at::Tensor& row_scale, const at::Tensor& logprobs,
     const at::Tensor& vpreds, const at::Tensor& old_logprobs, const at::Tensor& old_values,
     const at::Tensor& advantages, const at::Tensor& returns, const at::Tensor& mask,
     const std::optional<at::Tensor>& ref_logprobs, double cliprange, double cliprange_value, double vf_coef,
     double kl_coef, c10::string_view kl_estimator, std::optional<double> dual_clip,
-    std::optional<double> log_ratio_clamp);
+    std::optional<double> log_ratio_clamp, std::optional<double> cliprange_high);
 
 }  // namespace ppo_loss
 }  // namespace ppo_fast
