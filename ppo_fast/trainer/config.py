@@ -317,13 +317,13 @@ class PPOConfig:
         est, n = self.advantage_estimator, self.group_size
         if est in GROUPED_ESTIMATORS and n < 2:
             raise ValueError(
-                f"PPOConfig: advantage_estimator={est!r} takes its baseline from the other responses to the same "
-                f"prompt, so it needs group_size >= 2 (got {n}); sample group_size responses per prompt"
+                f"PPOConfig: group_size must be >= 2 with advantage_estimator={est!r}, whose baseline is the other "
+                f"responses to the same prompt (got {n}); sample group_size responses per prompt"
             )
         if est not in GROUPED_ESTIMATORS and n != 1:
             raise ValueError(
-                f"PPOConfig: group_size={n} needs a group estimator (advantage_estimator one of "
-                f"{', '.join(GROUPED_ESTIMATORS)}); {est!r} does not use groups, so group_size must be 1"
+                f"PPOConfig: group_size must be 1 with advantage_estimator={est!r}, which uses no groups (got {n}); "
+                f"group_size > 1 needs a group estimator: {', '.join(GROUPED_ESTIMATORS)}"
             )
         if self.batch_size % n:
             raise ValueError(

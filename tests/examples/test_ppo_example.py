@@ -142,8 +142,12 @@ def test_resume_latest_finds_the_newest_complete_checkpoint(tmp_path):
         (["--dataset", "{tmp}/prompts.jsonl"], "argument --dataset: no such file: {tmp}/prompts.jsonl"),
         (["--resume_from_checkpoint", "{tmp}/checkpoint-3"], "argument --resume_from_checkpoint: no such checkpoint"),
         (["--resume_from_checkpoint", "latest", "--output_dir", "{tmp}"], "'latest' but {tmp} has no checkpoint"),
-        (["--advantage_estimator", "grpo"], "argument --advantage_estimator: advantage_estimator='grpo' takes its"),
+        (
+            ["--advantage_estimator", "grpo"],
+            "argument --group_size: group_size must be >= 2 with advantage_estimator='grpo'",
+        ),
         (["--advantage_estimator", "grpo", "--group_size", "5"], "argument --batch_size: batch_size (32, per process)"),
+        (["--group_size", "4"], "argument --group_size: group_size must be 1 with advantage_estimator='gae'"),
         (["--compare_with", "{tmp}"], "argument --compare_with: {tmp} holds no metrics.jsonl"),
     ],
 )
