@@ -54,3 +54,25 @@ def run_benchmark(
         benchmark.extra_info["bytes_moved"] = bytes_moved
         benchmark.extra_info["GB/s"] = bytes_moved / median / 1e9 if median > 0 else float("nan")
     return result
+
+
+def status_mb(key: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (``VmRSS``, ``VmHWM``) in MB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's resident-memory high-water mark (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

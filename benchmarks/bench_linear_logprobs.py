@@ -27,7 +27,7 @@ import time
 
 import pytest
 import torch
-from _common import DEVICES, run_benchmark, shape_table
+from _common import DEVICES, reset_peak_rss, run_benchmark, shape_table, status_mb
 from torch.utils.checkpoint import checkpoint
 
 from ppo_fast import functional as F
@@ -140,28 +140,14 @@ def _mm_rate(shape: str) -> float:
     return 2 * B * T * H * V / statistics.median(times) / 1e9
 
 
-def _status_mb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _peak_rss_mb(fn, args) -> float | None:
     """The process's resident-memory high-water mark during fn(*args) above its resident memory
     before (Linux: VmHWM, reset to the current RSS by writing 5 to /proc/self/clear_refs)."""
-    base = _status_mb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
+    base = status_mb("VmRSS")
+    if not reset_peak_rss():
         return None
     out = fn(*args)
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     del out
     return None if base is None or peak is None else peak - base
 

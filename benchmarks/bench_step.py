@@ -21,7 +21,7 @@ import sys
 
 import pytest
 import torch
-from _common import run_benchmark, shape_table
+from _common import reset_peak_rss, run_benchmark, shape_table, status_mb
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "trainer"))
 from trainer_utils import make_tokenizer  # noqa: E402
@@ -37,26 +37,6 @@ SHAPES = shape_table(
     },
     smoke=["B4xR16xV1000"],
 )
-
-
-def _status_mb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # impl: (use_fused_kernels, fused_lm_head). "fused" is the fused ops on the logits; "fused_head" also takes the
@@ -103,9 +83,9 @@ def test_step(benchmark, impl, shape, device):
     batch = _batch(spec)
     info = {"impl": impl, "shape": shape}
     # The first step is the warm-up (allocator, first-call setup) and, on CPU, the peak-memory measurement.
-    base = _status_mb("VmRSS") if device == "cpu" else None
-    measured = base is not None and _reset_peak_rss()
+    base = status_mb("VmRSS") if device == "cpu" else None
+    measured = base is not None and reset_peak_rss()
     trainer.step(*batch)
     if measured:
-        info["peak_rss_mb"] = _status_mb("VmHWM") - base
+        info["peak_rss_mb"] = status_mb("VmHWM") - base
     run_benchmark(benchmark, trainer.step, batch, device, rounds=spec[-1], warmup=0, **info)
