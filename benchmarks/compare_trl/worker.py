@@ -374,15 +374,16 @@ def run_profile(args, w: W.Workload) -> dict[str, Any]:
     ):
         if obj is not None and _wrap(obj, attr, label) is not None:
             patched.append(f"{type(obj).__name__}.{attr}")
-    gc_time = [0.0, 0]
-    gc_start = [0.0]
+    gc_time = [0.0, 0, 0.0]  # wall s, collections, CPU s
+    gc_start = [0.0, 0.0]
 
     def on_gc(phase, _info):
         if phase == "start":
-            gc_start[0] = time.perf_counter()
+            gc_start[:] = [time.perf_counter(), time.process_time()]
         else:
             gc_time[0] += time.perf_counter() - gc_start[0]
             gc_time[1] += 1
+            gc_time[2] += time.process_time() - gc_start[1]
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     gc.callbacks.append(on_gc)
@@ -393,7 +394,16 @@ def run_profile(args, w: W.Workload) -> dict[str, Any]:
     finally:
         gc.callbacks.remove(on_gc)
     info.update(_categorise(prof.events(), wall))
-    info.update({"cpu_s": cpu, "wall_s": wall, "gc_s": gc_time[0], "gc_collections": gc_time[1], "patched": patched})
+    info.update(
+        {
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "gc_s": gc_time[0],
+            "gc_collections": gc_time[1],
+            "gc_cpu_s": gc_time[2],
+            "patched": patched,
+        }
+    )
     return info
 
 
