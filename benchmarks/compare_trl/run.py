@@ -107,6 +107,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker before it is stopped")
     p.add_argument("--out", default=None, help="results JSON (default results/compare_<time>.json here)")
+    p.add_argument("--report", default=None, metavar="FILE", help="print the tables of a results JSON; run nothing")
     args = p.parse_args(argv)
     if args.smoke:
         args.workloads = args.workloads or ",".join(map(str, SMOKE_WORKLOADS))
@@ -288,7 +289,7 @@ def report(runner: Runner) -> str:
         f"ppo_fast {meta.get('ppo_fast_commit') or '?'} ({meta.get('ppo_fast_file') or '?'}) vs TRL "
         f"{meta.get('trl') or '—'}; {a.device} {a.dtype}, {a.threads} thread(s) per worker, {a.reps} rep(s), "
         f"warm-up {a.warmup}, optimize_cuda_cache {a.optimize_cache}; "
-        f"load before {meta.get('loadavg_before')}, after {_loadavg()}"
+        f"load before {meta.get('loadavg_before')}, after {meta.get('loadavg_after') or _loadavg()}"
     )
     lines.append("")
     head = (
@@ -308,11 +309,12 @@ def report(runner: Runner) -> str:
         tw, pw = _median(trl, "wall_s"), _median(pf, "wall_s")
         fc = _median(floor, "cpu_s")
         ftc = _median(floor_trl, "cpu_s") if floor_trl else fc
+        floor_cell = _fmt(fc) + (f" (TRL venv {_fmt(ftc)})" if floor_trl else "")
         rew_t = _reward_span(curve["trl"] or trl)
         rew_p = _reward_span(curve["ppo_fast"] or pf)
         lines.append(
             f"| {wl} | {w.describe()} | {_fmt(tc)} | {_fmt(pc)} | {_ratio(tc, pc)} | {_fmt(tw)} | {_fmt(pw)} "
-            f"| {_ratio(tw, pw)} | {_peak(trl)} | {_peak(pf)} | {rew_t} | {rew_p} | {_fmt(fc)} "
+            f"| {_ratio(tw, pw)} | {_peak(trl)} | {_peak(pf)} | {rew_t} | {rew_p} | {floor_cell} "
             f"| {_ratio(tc, ftc)} | {_ratio(pc, fc)} |"
         )
         notes += _checks(runner, wl, trl + pf + floor + floor_trl + curve["trl"] + curve["ppo_fast"])
@@ -387,33 +389,52 @@ def _curve_table(runner: Runner) -> list[str]:
 
 def _profile_table(runner: Runner, rec: dict) -> list[str]:
     wl = rec["workload"]
-    floor = _median(_ok(runner.records, lib="floor", workload=wl, mode="floor"), "wall_s")
+    floor = _median(_ok(runner.records, lib="floor", workload=wl, mode="floor"), "cpu_s")
     step = rec.get("profiled_step_s") or rec.get("wall_s")
+    cpu = rec.get("cpu_s") or 0.0
     lines = [
-        f"Where a ppo_fast step's time goes (workload {wl}, one profiled step, host wall time under torch.profiler; "
-        f"step {step:.3f} s, CPU {rec.get('cpu_s', 0):.3f} s):",
+        f"Where a ppo_fast step's time goes (workload {wl}, one step under torch.profiler: {step:.3f} s wall, "
+        f"{cpu:.3f} s CPU). Shares of the host wall time; the CPU column spreads the step's CPU time by those "
+        "shares (a shared machine stretches wall time):",
         "",
-        "| category | ms | share |",
-        "|---|---|---|",
+        "| category | wall ms | share | ≈ CPU ms |",
+        "|---|---|---|---|",
     ]
     for row in rec.get("breakdown", []):
-        lines.append(f"| {row['category']} | {row['s'] * 1e3:.1f} | {100 * (row['share'] or 0):.1f}% |")
+        share = row["share"] or 0.0
+        lines.append(f"| {row['category']} | {row['s'] * 1e3:.1f} | {100 * share:.1f}% | {share * cpu * 1e3:.1f} |")
     lines.append("")
     lines.append(
-        f"gc: {rec.get('gc_collections')} collections, {1e3 * rec.get('gc_s', 0):.1f} ms in all; host syncs "
+        f"gc: {rec.get('gc_collections')} collections, {1e3 * rec.get('gc_s', 0):.1f} ms wall"
+        + (f" ({1e3 * rec['gc_cpu_s']:.1f} ms CPU)" if rec.get("gc_cpu_s") is not None else "")
+        + f" in all; host syncs "
         f"(item/_local_scalar_dense, device syncs): {rec.get('host_syncs', {}).get('count')} calls, "
         f"{1e3 * rec.get('host_syncs', {}).get('s', 0):.2f} ms."
     )
     if floor:
         lines.append(
-            f"Floor (wall, median): {floor * 1e3:.1f} ms; this step minus the floor: {(step - floor) * 1e3:.1f} ms."
+            f"Floor (CPU, median of its runs): {floor * 1e3:.1f} ms; this step's CPU time minus the floor: "
+            f"{(cpu - floor) * 1e3:.1f} ms."
         )
     return lines
 
 
 # ---------------------------------------------------------------------------------------------- main
+def rerender(path: str) -> str:
+    with open(path) as f:
+        saved = json.load(f)
+    runner = Runner(parse(saved["meta"]["argv"]), path)
+    runner.close()
+    runner.meta, runner.records = saved["meta"], saved["records"]
+    runner.digests = {int(k): v for k, v in saved["init_digests"].items()}
+    return report(runner)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.report:
+        print(rerender(args.report))
+        return 0
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or os.path.join(HERE, "results", f"compare_{stamp}.json")
     if "trl" in args.libs and not os.path.exists(trl_python(args.trl_venv)):

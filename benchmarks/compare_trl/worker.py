@@ -173,10 +173,14 @@ def _library(name: str) -> SimpleNamespace:
 def build_trainer(args, w: W.Workload) -> tuple[Any, dict[str, Any]]:
     lib = _library(args.lib)
     device, dtype = args.device, DTYPES[args.dtype]
-    lm = W.build_lm(w, args.init).to(device=device, dtype=dtype)
-    model = lib.ValueHead.from_pretrained(lm).to(device)  # a model instance: both libraries accept it
+    lm = W.build_lm(w, args.init)
+    model = lib.ValueHead.from_pretrained(lm)  # a model instance: both libraries accept it
     model.v_head.load_state_dict(W.value_head_state(args.init))
+    # The digest before any cast: a bf16 run holds rounded weights, the same on both sides.
     info: dict[str, Any] = {"digest": W.model_digest(model.pretrained_model, model.v_head, args.init)}
+    # --dtype casts the LM only; the value head stays fp32, as from_pretrained(..., dtype=bf16) leaves it.
+    model.pretrained_model.to(dtype=dtype)
+    model.to(device)
     info["optimize_cuda_cache"] = not args.no_optimize_cache
     ref = lib.ref(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -282,10 +286,12 @@ def run_steps(args, w: W.Workload) -> dict[str, Any]:
 def run_floor(args, w: W.Workload) -> dict[str, Any]:
     """The model's bare cost (workloads.floor_work), with the parameters the trainers freeze frozen."""
     device, dtype = args.device, DTYPES[args.dtype]
-    lm = W.build_lm(w, args.init).to(device=device, dtype=dtype)
-    v_head = W.ValueHead(lm.config.hidden_size).to(device)
+    lm = W.build_lm(w, args.init)
+    v_head = W.ValueHead(lm.config.hidden_size)
     v_head.load_state_dict(W.value_head_state(args.init))
     info: dict[str, Any] = {"digest": W.model_digest(lm, v_head, args.init)}
+    lm.to(device=device, dtype=dtype)
+    v_head.to(device)  # fp32, as the trainers' value heads
     frozen = set(W.frozen_prefix(lm))
     for name, p in lm.named_parameters():
         p.requires_grad_(name not in frozen)
@@ -374,15 +380,16 @@ def run_profile(args, w: W.Workload) -> dict[str, Any]:
     ):
         if obj is not None and _wrap(obj, attr, label) is not None:
             patched.append(f"{type(obj).__name__}.{attr}")
-    gc_time = [0.0, 0]
-    gc_start = [0.0]
+    gc_time = [0.0, 0, 0.0]  # wall s, collections, CPU s
+    gc_start = [0.0, 0.0]
 
     def on_gc(phase, _info):
         if phase == "start":
-            gc_start[0] = time.perf_counter()
+            gc_start[:] = [time.perf_counter(), time.process_time()]
         else:
             gc_time[0] += time.perf_counter() - gc_start[0]
             gc_time[1] += 1
+            gc_time[2] += time.process_time() - gc_start[1]
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     gc.callbacks.append(on_gc)
@@ -393,7 +400,16 @@ def run_profile(args, w: W.Workload) -> dict[str, Any]:
     finally:
         gc.callbacks.remove(on_gc)
     info.update(_categorise(prof.events(), wall))
-    info.update({"cpu_s": cpu, "wall_s": wall, "gc_s": gc_time[0], "gc_collections": gc_time[1], "patched": patched})
+    info.update(
+        {
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "gc_s": gc_time[0],
+            "gc_collections": gc_time[1],
+            "gc_cpu_s": gc_time[2],
+            "patched": patched,
+        }
+    )
     return info
 
 
