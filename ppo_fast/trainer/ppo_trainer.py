@@ -516,7 +516,7 @@ class PPOTrainer:
                     # Inputs built by the trainer: the op itself (its C++ checks remain), not functional's checks.
                     loss, stats, _ = ops.ppo_loss(
                         logprob,
-                        vpreds[:, :-1] if cfg.uses_value_head else old_values[idx],
+                        vpreds[:, :-1].to(logprob.dtype) if cfg.uses_value_head else old_values[idx],
                         old_logprobs[idx],
                         old_values[idx],
                         rollout.advantages[idx],

@@ -119,3 +119,15 @@ def test_forward_logprobs_checks_its_positions():
     torch.testing.assert_close(value, value_ref)
     with pytest.raises(ValueError, match="fused_lm_head"):
         PPOConfig(fused_lm_head="yes")
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_bf16_model_steps(fused_head):
+    """A model cast whole to bf16 (value head included): its values reach the loss in the log-probs' fp32."""
+    policy = make_policy("llama", n_layer=1).to(torch.bfloat16)
+    config = PPOConfig(batch_size=2, mini_batch_size=2, fused_lm_head=fused_head)
+    trainer = PPOTrainer(config, policy, None, make_tokenizer())
+    queries, responses, scores = make_batch(2, seed=1)
+    stats = trainer.step(queries, responses, scores)
+    assert trainer._fused_head == fused_head
+    assert torch.isfinite(torch.tensor(stats["ppo/loss/total"]))
