@@ -1,19 +1,271 @@
 // CPU kernels for log-probs and entropy from logits: logprob = z[label] - lse(z), H = lse - sum p z.
-// Each (b, t) row of the vocabulary is read once into cache: its max first, then the exp sums
-// (logits * 1/temperature on the fly); no [B, T, V] temporary is ever allocated.
+// Each (b, t) row of the vocabulary is read from memory once, in blocks that stay in L1: a block's
+// max, then its exp sums relative to the running max (logits * 1/temperature on the fly); no
+// [B, T, V] temporary is ever allocated.
 #include <ppo_fast/cpu_common.h>
 #include <ppo_fast/logprobs.h>
 
+#include <ATen/Version.h>
 #include <torch/library.h>
+
+#include <type_traits>
+
+// The fp32/bf16/fp16 rows run on ATen's Vectorized<float> for AVX2 (8 lanes, Sleef's 1-ulp exp),
+// compiled for AVX2 in this file alone whatever the flags of the rest of the build, and chosen at
+// run time only where the CPU has AVX2, FMA and F16C and ATen itself runs its AVX2 kernels (so
+// ATEN_CPU_CAPABILITY=default selects the plain loops below, which stay the reference path).
+// ATen's vec headers put every class in the namespace at::vec::CPU_CAPABILITY, so these AVX2
+// instances cannot clash with another file's. GCC only (its target pragma). g++ does not define
+// __AVX__ after the pragma, and sleef.h declares its 8-lane functions only under __AVX__: it is
+// defined for that one include.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CPU_CAPABILITY)
+#define PPO_FAST_LOGPROBS_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#ifndef __AVX__
+#define __AVX__ 1
+#define PPO_FAST_UNDEF_AVX
+#endif
+#define SLEEF_STATIC_LIBS
+#include <sleef.h>
+#ifdef PPO_FAST_UNDEF_AVX
+#undef __AVX__
+#undef PPO_FAST_UNDEF_AVX
+#endif
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"  // the headers' `#pragma unroll`
+#pragma GCC diagnostic ignored "-Wpsabi"  // lambdas in unused bf16 operators, which the pragma does not reach
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+// Weak: a torch build that did not export Sleef's exp leaves it null, and the plain loops run.
+#pragma weak Sleef_expf8_u10
+#endif
 
 namespace ppo_fast {
 namespace logprobs {
 namespace {
 
+#ifdef PPO_FAST_LOGPROBS_AVX2
+// Whether the AVX2 rows may run here (decided once; compiled without AVX2, like all static data).
+bool avx2_rows() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           &Sleef_expf8_u10 != nullptr && at::get_cpu_capability() != "DEFAULT";
+  }();
+  return ok;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+// No contraction of a * b + c into an FMA (the plain loops, built without FMA, round a * b first):
+// z - r and the lse difference must round alike, so that a row equal to its reference gives KL = 0.
+#pragma GCC optimize("fp-contract=off")
+namespace avx2 {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kW = fVec::size();  // 8
+constexpr int64_t kChunk = 2 * kW;    // entries per load: one Vectorized<BFloat16/Half>, two of float
+// Entries per fp32 partial sum: each lane of each accumulator adds 16 terms before the block's sum
+// goes into the fp64 total, so a 150k vocabulary keeps the fp64 accuracy of the plain loops.
+constexpr int64_t kBlock = 256;
+static_assert(kW == 8 && kBlock % kChunk == 0, "AVX2 layout");
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// kChunk entries of p as two float vectors, and back (round to nearest even, as static_cast).
+template <typename scalar_t>
+inline void load_chunk(const scalar_t* p, fVec& a, fVec& b) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    a = fVec::loadu(p);
+    b = fVec::loadu(p + kW);
+  } else {
+    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+  }
+}
+
+template <typename scalar_t>
+inline void store_chunk(scalar_t* p, const fVec& a, const fVec& b) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    a.store(p);
+    b.store(p + kW);
+  } else {
+    at::vec::convert_from_float<scalar_t>(a, b).store(p);
+  }
+}
+
+// The last n < kChunk entries of a row, copied into a full chunk whose other entries are `fill`.
+template <typename scalar_t>
+inline void load_tail(const scalar_t* p, int64_t n, scalar_t fill, fVec& a, fVec& b) {
+  scalar_t buf[kChunk];
+  for (int64_t i = 0; i < kChunk; ++i) buf[i] = i < n ? p[i] : fill;
+  load_chunk(buf, a, b);
+}
+
+// max over the lanes that keeps a NaN (a lane's NaN from at::vec::maximum).
+inline float lanes_max(const fVec& v) {
+  float l[kW];
+  v.store(l);
+  float m = l[0];
+  for (int64_t i = 1; i < kW; ++i) m = max_nan(m, l[i]);
+  return m;
+}
+
+// row_stats for fp32/bf16/fp16 rows, in one pass over memory: per block of kBlock entries,
+// z = x * inv_t into an L1 buffer with its max, the fp64 totals rebased when the max grows
+// (online_rebase), then exp(z - m) and the sums. The -inf entries (and the padding of the last
+// chunk) give exp = 0 and add nothing, e * d masked where e = 0 (-inf * 0 would be NaN). A NaN or
+// +inf logit leaves no distribution: every result of the row is NaN, as online_finish gives for it.
+template <typename scalar_t>
+Online<float> row_stats(const scalar_t* x, int64_t V, float inv_t) {
+  const fVec vt(inv_t), zero(0.f);
+  const scalar_t pad = static_cast<scalar_t>(-kInf);
+  float m = -kInf;
+  double s = 0, sd = 0;
+  alignas(32) float z[kBlock];
+  alignas(32) float e[kBlock];
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - j0);
+    const int64_t nz = (n + kChunk - 1) / kChunk * kChunk;
+    fVec mx0(-kInf), mx1(-kInf);
+    for (int64_t k = 0; k < nz; k += kChunk) {
+      fVec a, b;
+      if (k + kChunk <= n) {
+        load_chunk(x + j0 + k, a, b);
+      } else {
+        load_tail(x + j0 + k, n - k, pad, a, b);
+      }
+      a = a * vt;
+      b = b * vt;
+      a.store(z + k);
+      b.store(z + k + kW);
+      mx0 = at::vec::maximum(mx0, a);
+      mx1 = at::vec::maximum(mx1, b);
+    }
+    const float bm = lanes_max(at::vec::maximum(mx0, mx1));
+    if (is_neg_inf(bm)) continue;  // a block of -inf only
+    if (!(bm <= m)) {
+      if (!(bm < kInf)) return {nan_<float>(), nan_<float>(), nan_<float>()};
+      if (!is_neg_inf(m)) {
+        const double dm = static_cast<double>(m) - static_cast<double>(bm), scale = std::exp(dm);
+        sd = scale * (sd + s * dm);
+        s *= scale;
+      }
+      m = bm;
+    }
+    // The exps first, into e: Sleef's exp is a call, across which no vector register survives.
+    const fVec vm(m);
+    for (int64_t k = 0; k < nz; k += kW) (fVec::loadu(z + k) - vm).exp().store(e + k);
+    fVec s0(0.f), s1(0.f), d0(0.f), d1(0.f);
+    for (int64_t k = 0; k < nz; k += kChunk) {
+      const fVec ea = fVec::loadu(e + k), eb = fVec::loadu(e + k + kW);
+      const fVec da = fVec::loadu(z + k) - vm, db = fVec::loadu(z + k + kW) - vm;
+      s0 = s0 + ea;
+      s1 = s1 + eb;
+      d0 = d0 + ((ea * da) & (ea > zero));
+      d1 = d1 + ((eb * db) & (eb > zero));
+    }
+    s += static_cast<double>((s0 + s1).reduce_add());
+    sd += static_cast<double>((d0 + d1).reduce_add());
+  }
+  return {m, static_cast<float>(s), static_cast<float>(sd)};
+}
+
+// backward_rows for fp32/bf16/fp16: grad_z of every entry (logprobs.h), the label's entry taken
+// apart (its logit read before the row is overwritten in place). p = exp(z - lse) with p = 0 at
+// z = -inf (exp(-inf - lse) would be NaN for lse = -inf), and the entropy term only where p > 0;
+// a row with a NaN lse is NaN throughout.
+template <typename scalar_t>
+void backward_rows(const Job& job, int64_t r0, int64_t r1, float inv_t) {
+  const int64_t V = job.V;
+  const Rows logits = job.logits, grad = job.grad;
+  const int64_t* labels = job.labels;
+  const float *glp = as<float>(job.grad_logprob), *lsp = as<float>(job.lse), *hp = as<float>(job.entropy);
+  const float* ghp = as<float>(job.grad_entropy);
+  const fVec vt(inv_t), zero(0.f), ninf(-kInf);
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* x = logits.row<scalar_t>(r);
+    scalar_t* o = const_cast<scalar_t*>(grad.row<scalar_t>(r));
+    const float a = glp[r] * inv_t, c = ghp ? ghp[r] * inv_t : 0.f, lse = lsp[r], h = hp[r];
+    const int64_t y = labels[r];
+    const bool has_label = y >= 0 && y < V;
+    const float zy = has_label ? static_cast<float>(x[y]) * inv_t : 0.f;
+    if (lse != lse) {
+      std::fill(o, o + V, static_cast<scalar_t>(nan_<float>()));
+      continue;
+    }
+    const fVec va(a), vc(c), vlse(lse), vh(h);
+    const auto grad_chunk = [&](fVec xv) {
+      const fVec z = xv * vt, zl = z - vlse;
+      const fVec p = zl.exp() & (z != ninf);
+      fVec d = va * (zero - p);
+      if (c != 0.f) d = d - (((vc * p) * (zl + vh)) & (p > zero));
+      return d;
+    };
+    int64_t j = 0;
+    for (; j + kChunk <= V; j += kChunk) {
+      fVec xa, xb;
+      load_chunk(x + j, xa, xb);
+      const fVec da = grad_chunk(xa), db = grad_chunk(xb);
+      store_chunk(o + j, da, db);
+    }
+    if (j < V) {
+      fVec xa, xb;
+      load_tail(x + j, V - j, static_cast<scalar_t>(0.f), xa, xb);
+      scalar_t buf[kChunk];
+      const fVec da = grad_chunk(xa), db = grad_chunk(xb);
+      store_chunk(buf, da, db);
+      std::copy(buf, buf + (V - j), o + j);
+    }
+    if (has_label) o[y] = static_cast<scalar_t>(grad_z<float>(zy, true, lse, h, a, c));
+  }
+}
+
+// sum_j p_j (z_j - r_j) for fp32/bf16/fp16 rows, p_j = exp((z_j - m_z) - log s_z), each term
+// where p > 0 only (z = r = -inf would give 0 * NaN), blocked into fp64 like row_stats.
+template <typename scalar_t>
+double kl_sum(const scalar_t* x, const scalar_t* q, int64_t V, float inv_t, float mz, float log_sz) {
+  const fVec vt(inv_t), vm(mz), vl(log_sz), zero(0.f);
+  const scalar_t pad = static_cast<scalar_t>(-kInf);
+  double acc = 0;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - j0);
+    fVec s0(0.f), s1(0.f);
+    for (int64_t k = 0; k < n; k += kChunk) {
+      fVec xa, xb, qa, qb;
+      if (k + kChunk <= n) {
+        load_chunk(x + j0 + k, xa, xb);
+        load_chunk(q + j0 + k, qa, qb);
+      } else {
+        load_tail(x + j0 + k, n - k, pad, xa, xb);
+        load_tail(q + j0 + k, n - k, pad, qa, qb);
+      }
+      const fVec za = xa * vt, zb = xb * vt;
+      const fVec pa = ((za - vm) - vl).exp(), pb = ((zb - vm) - vl).exp();
+      s0 = s0 + ((pa * (za - qa * vt)) & (pa > zero));
+      s1 = s1 + ((pb * (zb - qb * vt)) & (pb > zero));
+    }
+    acc += static_cast<double>((s0 + s1).reduce_add());
+  }
+  return acc;
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // PPO_FAST_LOGPROBS_AVX2
+
 // Softmax statistics of one row of z = x * inv_t: the exact max first, then the sums, which are
 // accumulated in fp64 (a vocabulary of 150k terms in one fp32 sum would lose ~1e-4 of the lse).
 template <typename acc_t, typename scalar_t>
 Online<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t) {
+#ifdef PPO_FAST_LOGPROBS_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2_rows()) return avx2::row_stats(x, V, inv_t);
+  }
+#endif
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < V; ++j) {
     const acc_t z = static_cast<acc_t>(x[j]) * inv_t;
@@ -54,6 +306,11 @@ void forward_rows(const Job& job, int64_t r0, int64_t r1, acc_t inv_t) {
 
 template <typename scalar_t, typename acc_t>
 void backward_rows(const Job& job, int64_t r0, int64_t r1, acc_t inv_t) {
+#ifdef PPO_FAST_LOGPROBS_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2_rows()) return avx2::backward_rows<scalar_t>(job, r0, r1, inv_t);
+  }
+#endif
   const int64_t V = job.V;
   const Rows logits = job.logits, grad = job.grad;
   const int64_t* labels = job.labels;
@@ -84,6 +341,14 @@ void full_kl_range(const Job& job, int64_t r0, int64_t r1, acc_t inv_t) {
     // KL = sum_j p_j (z_j - r_j) - lse_z + lse_r, with the lse difference taken as
     // (m_r - m_z) + (log s_r - log s_z) so the logits' magnitude does not cancel.
     double acc = 0;
+#ifdef PPO_FAST_LOGPROBS_AVX2
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (avx2_rows()) {
+        out[r] = static_cast<acc_t>(avx2::kl_sum(x, q, V, inv_t, oz.m, log_sz)) + (oq.m - oz.m) + (log_sq - log_sz);
+        continue;
+      }
+    }
+#endif
     for (int64_t j = 0; j < V; ++j) {
       const acc_t z = static_cast<acc_t>(x[j]) * inv_t;
       const acc_t p = std::exp((z - oz.m) - log_sz);
