@@ -22,6 +22,7 @@ want="trl==0.11.4 transformers==4.46.3 accelerate==1.0.1"
 if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" - "$torch_version" <<'PY'
 import sys
 import accelerate, torch, transformers, trl
+import trl.trainer.ppo_trainer  # noqa: F401  (fails without rich)
 ok = (torch.__version__.split("+")[0], trl.__version__, transformers.__version__, accelerate.__version__) == (
     sys.argv[1], "0.11.4", "4.46.3", "1.0.1")
 sys.exit(0 if ok else 1)
@@ -39,6 +40,7 @@ index=()
 if [[ -n "${TORCH_INDEX_URL:-}" ]]; then index=(--index-url "$TORCH_INDEX_URL"); fi
 "$venv/bin/pip" install -q "${index[@]}" "torch==$torch_version"
 # torch is already there, so pip keeps it; numpy etc. come with these.
-"$venv/bin/pip" install -q $want
+# rich: trl 0.11.4 imports it (trl.trainer.ppo_config) but does not declare it
+"$venv/bin/pip" install -q $want rich
 "$venv/bin/python" -c "import torch, trl, transformers, accelerate; print('torch', torch.__version__, 'trl', trl.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 echo "TRL venv created in $(( $(date +%s) - t0 )) s"
