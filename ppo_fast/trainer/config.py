@@ -184,6 +184,13 @@ class PPOConfig:
             "minibatch (exact; holds one [batch, length, hidden] activation)."
         },
     )
+    fused_activations: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the models' tanh-approximate GELU (GPT-2's gelu_new, seven tensor ops) as torch's one "
+            "fused gelu(approximate='tanh'), the same function up to rounding (false: as the model wrote it)."
+        },
+    )
     log_ratio_clamp: float | None = field(
         default=None, metadata={"help": "Clamp log(ratio) to [-c, c] before exp (guards against overflow)."}
     )
@@ -305,6 +312,8 @@ class PPOConfig:
             raise ValueError(f"PPOConfig: fused_lm_head must be a bool or None, got {self.fused_lm_head!r}")
         if not isinstance(self.cache_frozen_trunk, bool):
             raise ValueError(f"PPOConfig: cache_frozen_trunk must be a bool, got {self.cache_frozen_trunk!r}")
+        if not isinstance(self.fused_activations, bool):
+            raise ValueError(f"PPOConfig: fused_activations must be a bool, got {self.fused_activations!r}")
         backward = self.mini_batch_size * self.gradient_accumulation_steps
         if self.batch_size % backward:
             raise ValueError(

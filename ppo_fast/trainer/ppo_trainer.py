@@ -38,6 +38,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from ppo_fast import functional as F
 from ppo_fast.models import AutoModelForCausalLMWithValueHead, create_reference_model
 from ppo_fast.reference import PPO_LOSS_STATS
+from ppo_fast.trainer import activations as _activations
 from ppo_fast.trainer import checkpoint as _ckpt
 from ppo_fast.trainer import estimators as _estimators
 from ppo_fast.trainer import generation as _generation
@@ -139,6 +140,8 @@ class PPOTrainer:
         self._checkpoint_state = _ckpt.TrainerState(self)  # saved by save_checkpoint as JSON, with the moments
         self._read_model_limits(tokenizer)
         self._fused_head, self._ref_fused_head = _lm_head.select(self)
+        if config.fused_activations:  # last: a constructor that raised has left the user's models as they were
+            _activations.fuse_activations(self.model, self.ref_model)
         if config.log_with is not None:
             _stats.init_trackers(self)
 
