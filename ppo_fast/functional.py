@@ -457,7 +457,9 @@ def linear_logprobs(
 
     The B * T token rows go through ``chunk_size`` at a time: each chunk's logits [chunk, V] are one
     GEMM (ATen's: cuBLAS on CUDA), reduced to log-prob, entropy and log-sum-exp by the log-prob
-    kernels, then overwritten by the next chunk's; the backward recomputes them. Beyond its inputs,
+    kernels, then overwritten by the next chunk's; the backward recomputes them. (When all rows fit one chunk
+    and a backward will run, chunking saves nothing: that one block of logits is kept for the backward, through
+    the ``logprobs`` op, instead of recomputed, which saves a GEMM.) Beyond its inputs,
     outputs and gradients the op holds about one chunk of logits, plus an fp32 accumulator of the
     weight's gradient when the weight is not fp32. The default ``chunk_size`` (None) takes the rows
     whose logits fill 64 MiB in the inputs' dtype, at least 256 (V = 32000 fp32: 524 rows; V = 128256
@@ -478,9 +480,36 @@ def linear_logprobs(
     _checks.check_linear_logprobs(hidden, weight, labels, bias, temperature, chunk_size)
     if validate:
         _check_label_range("linear_logprobs", labels, weight.shape[0])
-    fn = backend(use_fused).linear_logprobs
-    logprob, entropy, _ = fn(hidden, weight, labels, bias, temperature, chunk_size)
+    fused = resolve_fused(use_fused)
+    if fused and _one_chunk_with_grad(hidden, weight, bias, chunk_size):
+        # One chunk that a backward will need: its logits are kept from the forward (the logprobs op saves them)
+        # instead of recomputed, which saves the backward's head GEMM. The same GEMM, the same kernels.
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        logprob, entropy, _ = _ops.ops.logprobs(logits, labels, temperature)
+    else:
+        fn = _ops.ops.linear_logprobs if fused else reference.linear_logprobs
+        logprob, entropy, _ = fn(hidden, weight, labels, bias, temperature, chunk_size)
     return (logprob, entropy) if return_entropy else logprob
+
+
+# linear_logprobs.h's default chunk: the rows whose logits fill 64 MiB, at least 256.
+_CHUNK_BYTES, _MIN_CHUNK_ROWS = 64 << 20, 256
+
+
+def _one_chunk_with_grad(hidden, weight, bias, chunk_size) -> bool:
+    """Whether ``linear_logprobs`` would run one chunk (all B * T rows' logits in one block) and autograd will
+    want its backward. Then the op's chunking saves no memory and its recompute costs one GEMM."""
+    if not torch.is_grad_enabled() or not (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return False
+    rows = hidden.shape[0] * hidden.shape[1]
+    limit = (
+        chunk_size
+        if chunk_size is not None
+        else max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (weight.shape[0] * weight.element_size()))
+    )
+    return rows <= limit
 
 
 def full_kl(

@@ -261,6 +261,30 @@ def test_only_needed_gradients(device, rand):
     assert out[2].shape == (0,)  # no bias, no d bias
 
 
+def test_one_chunk_keeps_its_logits(device, rand):
+    """When every row fits one chunk and a backward will run, the logits are kept from the forward (the logprobs
+    op's graph) instead of recomputed: the same values and gradients as the chunked op, NaN for NaN; without a
+    gradient to compute, or over several chunks, the op runs."""
+    hidden, weight, labels, bias = make_inputs(rand, 3, 7, 16, 37, device=device)
+    hidden[1, 4, 0] = float("inf")
+    g_lp, g_h = make_grads(rand, 3, 7, "both", device)
+    kept = run(hidden, weight, labels, bias, 1.0, g_lp, g_h)  # the default chunk holds all 21 rows
+    chunked = run(hidden, weight, labels, bias, 1.0, g_lp, g_h, chunk_size=8)
+    for a, b in zip(kept[:2] + tuple(kept[2]), chunked[:2] + tuple(chunked[2]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+    h = hidden.clone().requires_grad_()
+    assert "linear_logprobs" not in F.linear_logprobs(h, weight, labels, bias).grad_fn.name()
+    assert "linear_logprobs" in F.linear_logprobs(h, weight, labels, bias, chunk_size=20).grad_fn.name()
+    with torch.no_grad():
+        assert not F._one_chunk_with_grad(h, weight, bias, None)
+    assert not F._one_chunk_with_grad(hidden, weight, bias, None)  # nothing requires grad
+    assert F._one_chunk_with_grad(hidden, weight.clone().requires_grad_(), bias, None)
+    # linear_logprobs.h's default: the rows whose logits fill 64 MiB, at least 256.
+    big_v = torch.empty(1 << 16, 16, device=device)  # 256 KiB of logits per row: 256 rows
+    assert F._one_chunk_with_grad(torch.empty(1, 256, 16, device=device, requires_grad=True), big_v, None, None)
+    assert not F._one_chunk_with_grad(torch.empty(1, 257, 16, device=device, requires_grad=True), big_v, None, None)
+
+
 def test_deterministic(device, rand):
     hidden, weight, labels, bias = make_inputs(rand, 3, 7, 16, 37, device=device)
     g_lp, g_h = make_grads(rand, 3, 7, "both", device)
