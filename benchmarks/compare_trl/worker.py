@@ -27,8 +27,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # workloads.py; benchmarks/_common.py (torch only: runs in both venvs)
 import workloads as W  # noqa: E402
+from _common import reset_peak_rss, status_mb  # noqa: E402
 
 STAT_KEYS = (
     "objective/kl",
@@ -43,26 +45,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------- process facts
-def _status_mb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _git_commit(path: str) -> str | None:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -112,7 +94,7 @@ def _sync(device: str) -> None:
 
 
 def _peak_mb(device: str) -> dict[str, float | None]:
-    out = {"peak_rss_mb": _status_mb("VmHWM"), "rss_mb": _status_mb("VmRSS")}
+    out = {"peak_rss_mb": status_mb("VmHWM"), "rss_mb": status_mb("VmRSS")}
     if device == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -121,7 +103,7 @@ def _peak_mb(device: str) -> dict[str, float | None]:
 def _reset_peaks(device: str) -> bool:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    return _reset_peak_rss()
+    return reset_peak_rss()
 
 
 # ---------------------------------------------------------------------------------------------- libraries
@@ -254,7 +236,7 @@ def run_steps(args, w: W.Workload) -> dict[str, Any]:
     fixed_q, fixed_r = W.make_queries(w), W.make_responses(w)
     fixed_s = W.reward(fixed_r)
     info["setup_s"] = time.perf_counter() - t
-    info["rss_setup_mb"] = _status_mb("VmRSS")
+    info["rss_setup_mb"] = status_mb("VmRSS")
     info["peak_reset"] = _reset_peaks(device)
     steps, first = [], None
     total = args.warmup + args.steps
@@ -299,7 +281,7 @@ def run_floor(args, w: W.Workload) -> dict[str, Any]:
     info["trainable"] = {"tensors": len(trainable), "elements": sum(p.numel() for p in trainable)}
     info["attn_implementation"] = getattr(lm.config, "_attn_implementation", None)
     ids = W.floor_inputs(w, device)
-    info["rss_setup_mb"] = _status_mb("VmRSS")
+    info["rss_setup_mb"] = status_mb("VmRSS")
     info["peak_reset"] = _reset_peaks(device)
     steps = []
     for i in range(args.warmup + args.steps):
