@@ -4,6 +4,9 @@ of a GPT-2 step ([8 * 144, 1024] fp32) and in bf16, next to a ``clone`` of the s
 same way (the copy bandwidth an elementwise op can at best reach). ``extra_info`` carries ns/element
 and GB/s (forward: read x, write out; forward+backward: also read x and the gradient, write grad_x).
 
+On one Zen3 core (AVX2) at [1152, 1024] fp32 the fused op takes 1.35 ns per element forward and 1.7
+backward, torch's 4.0 and 4.0, a clone 0.23: it is bound by Sleef's exp (torch.exp alone: 1.2).
+
     pytest benchmarks/bench_gelu_tanh.py --benchmark-only --benchmark-columns=median,rounds
 """
 
