@@ -19,7 +19,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 # H200 image's /opt/gcc) gives it a second, uninitialised copy of the C++ locale, and the first
 # error message that formats a number crashes. setup.py refuses such a build.
 if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
-BENCHES=(benchmarks/bench_gae.py benchmarks/bench_ppo_loss.py benchmarks/bench_moments.py benchmarks/bench_logprobs.py benchmarks/bench_linear_logprobs.py benchmarks/bench_lion.py benchmarks/bench_group_advantages.py)
+BENCHES=(benchmarks/bench_gae.py benchmarks/bench_ppo_loss.py benchmarks/bench_moments.py benchmarks/bench_logprobs.py benchmarks/bench_linear_logprobs.py benchmarks/bench_lion.py benchmarks/bench_group_advantages.py benchmarks/bench_gelu_tanh.py)
 status=()
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }

@@ -156,8 +156,28 @@ def group_advantages_workload() -> int:
     return bad
 
 
+def gelu_tanh_workload() -> int:
+    bad = 0
+    g = torch.Generator().manual_seed(6)
+    for n in (1, 7, 8, 1031, 8 * 256 * 3 + 5):  # partial packs, a grid-stride tail
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = (torch.randn(n, generator=g) * 4).to(dtype)
+            w = torch.randn(n, generator=g).to(dtype)
+            for got, want in (
+                (F.gelu_tanh(x.cuda()), F.gelu_tanh(x)),
+                (
+                    torch.ops.ppo_fast.gelu_tanh_backward(w.cuda(), x.cuda()),
+                    torch.ops.ppo_fast.gelu_tanh_backward(w, x),
+                ),
+            ):
+                bad += not torch.allclose(got.cpu().float(), want.float(), rtol=1e-2, atol=1e-5)
+            bad += not torch.equal(F.gelu_tanh(x.cuda()[1:]).cpu(), F.gelu_tanh(x.cuda())[1:].cpu())  # unaligned
+    torch.cuda.synchronize()
+    return bad
+
+
 if __name__ == "__main__":
     bad = gae_workload() + ppo_loss_workload() + moments_workload() + logprobs_workload() + lion8bit_workload()
-    bad += group_advantages_workload()
+    bad += group_advantages_workload() + gelu_tanh_workload()
     print(f"sanitize workload: {bad} mismatches")
     raise SystemExit(1 if bad else 0)

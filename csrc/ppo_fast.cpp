@@ -61,6 +61,11 @@ TORCH_LIBRARY(ppo_fast, m) {
   // samples (csrc/include/ppo_fast/group_advantages.h). fp32 [N] out (fp64 for fp64 scores).
   m.def("group_advantages(Tensor scores, int group_size, str estimator, float eps) -> Tensor");
 
+  // gelu_tanh: the tanh-approximate GELU x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), and its backward
+  // grad * d gelu / dx (csrc/include/ppo_fast/gelu_tanh.h). Any shape; out in x's shape and dtype.
+  m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
+
   // logprobs: log-probs and entropy from logits in one pass over the vocabulary
   // (csrc/include/ppo_fast/logprobs.h). Outputs are fp32 [B, T]; lse is saved for the backward.
   m.def("logprobs(Tensor logits, Tensor labels, float temperature) -> (Tensor logprob, Tensor entropy, Tensor lse)");

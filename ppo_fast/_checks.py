@@ -234,6 +234,24 @@ def check_moments_merge(state: torch.Tensor, batches: torch.Tensor) -> None:
         )
 
 
+def check_gelu_tanh(x: torch.Tensor) -> None:
+    """Mirrors csrc/host/gelu_tanh.cpp (gelu_tanh)."""
+    _floating("gelu_tanh", "x", x)
+    _device_dtype("gelu_tanh", "x", x)  # the CUDA kernel's dispatch
+
+
+def check_gelu_tanh_backward(grad: torch.Tensor, x: torch.Tensor) -> None:
+    """Mirrors csrc/host/gelu_tanh.cpp (gelu_tanh_backward), in its order."""
+    op = "gelu_tanh_backward"
+    _floating(op, "x", x)
+    _same_device(op, "grad", grad, "x", x)
+    if grad.shape != x.shape:
+        raise RuntimeError(f"{op}: grad must have the shape of x {_shape(x)}, got {_shape(grad)}")
+    if grad.dtype != x.dtype:
+        raise RuntimeError(f"{op}: grad must have the dtype of x ({x.dtype}), got {grad.dtype}")
+    _device_dtype(op, "x", x)
+
+
 def check_group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps: float) -> None:
     """Mirrors csrc/host/group_advantages.cpp, in its order."""
     op = "group_advantages"

@@ -17,6 +17,8 @@ from ppo_fast._checks import (
     check_compute_rewards,
     check_full_kl,
     check_gae,
+    check_gelu_tanh,
+    check_gelu_tanh_backward,
     check_group_advantages,
     check_linear_logprobs,
     check_linear_logprobs_backward,
@@ -275,6 +277,25 @@ if HAS_EXT:
     def _(scores, group_size, estimator, eps):
         check_group_advantages(scores, group_size, estimator, eps)
         return scores.new_empty(scores.shape, dtype=_acc_dtype(scores))
+
+    @torch.library.register_fake("ppo_fast::gelu_tanh")
+    def _(x):
+        check_gelu_tanh(x)
+        return _empty(x)
+
+    @torch.library.register_fake("ppo_fast::gelu_tanh_backward")
+    def _(grad, x):
+        check_gelu_tanh_backward(grad, x)
+        return _empty(x)
+
+    def _gelu_tanh_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def _gelu_tanh_backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ops.gelu_tanh_backward(grad, x)
+
+    torch.library.register_autograd("ppo_fast::gelu_tanh", _gelu_tanh_backward, setup_context=_gelu_tanh_setup_context)
 
     @torch.library.register_fake("ppo_fast::lion8bit_step_")
     def _(params, grads, momentum, absmax, lr, beta1, beta2, weight_decay, stochastic_rounding, seed):

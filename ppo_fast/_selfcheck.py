@@ -197,6 +197,15 @@ def _(fused, x):
     return out
 
 
+@check("gelu_tanh")
+def _(fused, x):
+    h = x.randn(B, T, 24, scale=3.0).requires_grad_()
+    w = x.randn(B, T, 24)
+    out = _F().gelu_tanh(h, use_fused=fused)
+    (grad,) = torch.autograd.grad((out * w).sum(), h)
+    return {"out": out, "grad_x": grad}
+
+
 def _logits(x: Inputs):
     logits = x.randn(B, T, V, scale=2.0)
     return logits, x.labels(B, T, V)

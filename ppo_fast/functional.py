@@ -23,6 +23,7 @@ __all__ = [
     "full_kl",
     "fused_available",
     "gae",
+    "gelu_tanh",
     "group_advantages",
     "linear_logprobs",
     "logprobs_from_logits",
@@ -285,6 +286,19 @@ def group_advantages(
             raise RuntimeError(f"group_advantages: scores must be finite; NaN or inf at {shown}")
     fn = backend(use_fused).group_advantages
     return fn(scores.detach(), group_size, estimator, eps)
+
+
+def gelu_tanh(x: torch.Tensor, *, use_fused: bool | None = None) -> torch.Tensor:
+    """The tanh-approximate GELU, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GPT-2's
+    ``gelu_new``, transformers' ``NewGELUActivation``), differentiable w.r.t. ``x``.
+
+    ``x`` of any shape, fp32/bf16/fp16 (fp64 on CPU); returns x's shape and dtype (computed in fp32
+    for bf16/fp16). Fused, it is computed as ``x * sigmoid(2u)`` with one exp per element, forward
+    and backward each one pass over memory; a non-contiguous ``x`` is copied to a contiguous one
+    first. NaN and inf give what the reference gives (``gelu(-inf)`` is NaN, as ``-inf * 0``).
+    """
+    _checks.check_gelu_tanh(x)
+    return backend(use_fused).gelu_tanh(x)
 
 
 def moments(x: torch.Tensor, mask: torch.Tensor | None = None, *, use_fused: bool | None = None) -> torch.Tensor:

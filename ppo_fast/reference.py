@@ -7,6 +7,8 @@ inputs are computed in fp32 (fp64 stays fp64) and results are returned in the in
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ppo_fast._modes import AGGREGATIONS, GROUP_ESTIMATORS, KL_ESTIMATORS, KL_PENALTIES, one_of
@@ -20,6 +22,7 @@ __all__ = [
     "full_kl",
     "gae",
     "gae_scan",
+    "gelu_tanh",
     "group_advantages",
     "kl_penalty",
     "linear_logprobs",
@@ -247,6 +250,19 @@ def rollout_advantages(
     rewards, non_score, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_penalty)
     adv, ret = compute_advantages(values, rewards, mask, gamma, lam, whiten_rewards, carry_masked)
     return rewards, non_score, kl, adv, ret
+
+
+# ------------------------------------------------------------------------------------------------
+# The tanh-approximate GELU, transformers' NewGELUActivation (GPT-2's gelu_new), as the model
+# computed it before PPOConfig.fused_activations swapped in a fused activation.
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` in torch ops (NewGELUActivation's formula),
+    any shape, in x's dtype (bf16/fp16 computed in fp32); differentiable by autograd. Its values and
+    gradients at inf, NaN and overflowing x^3 are the behaviour ``ppo_fast::gelu_tanh`` reproduces."""
+    a = _acc(x)
+    return (0.5 * a * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (a + 0.044715 * torch.pow(a, 3.0))))).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
