@@ -187,8 +187,9 @@ class PPOConfig:
     fused_activations: bool = field(
         default=True,
         metadata={
-            "help": "Run the models' tanh-approximate GELU (GPT-2's gelu_new, seven tensor ops) as torch's one "
-            "fused gelu(approximate='tanh'), the same function up to rounding (false: as the model wrote it)."
+            "help": "Run the models' tanh-approximate GELU (GPT-2's gelu_new, seven tensor ops) as one fused op "
+            "(ppo_fast::gelu_tanh with the fused kernels, else torch's gelu(approximate='tanh')), the same "
+            "function up to rounding (false: as the model wrote it)."
         },
     )
     log_ratio_clamp: float | None = field(

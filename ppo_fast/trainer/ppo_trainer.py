@@ -141,7 +141,7 @@ class PPOTrainer:
         self._read_model_limits(tokenizer)
         self._fused_head, self._ref_fused_head = _lm_head.select(self)
         if config.fused_activations:  # last: a constructor that raised has left the user's models as they were
-            _activations.fuse_activations(self.model, self.ref_model)
+            _activations.fuse_activations(self.model, self.ref_model, use_fused=self.use_fused)
         if config.log_with is not None:
             _stats.init_trackers(self)
 

@@ -1,6 +1,7 @@
-"""Fused activations (``PPOConfig.fused_activations``): GPT-2's seven-op ``gelu_new`` runs as torch's one
-``gelu(approximate="tanh")``; the function is the same (checked against the formula in fp64), the model's
-outputs and gradients are the same up to rounding, and whole steps agree with the unswapped trainer."""
+"""Fused activations (``PPOConfig.fused_activations``): GPT-2's seven-op ``gelu_new`` runs as one op
+(``ppo_fast::gelu_tanh`` with the fused kernels, torch's ``gelu(approximate="tanh")`` without); the function is
+the same (checked against the formula in fp64), the model's outputs and gradients are the same up to rounding,
+and whole steps agree with the unswapped trainer."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from trainer_utils import make_batch, make_policy, make_tokenizer
 from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from ppo_fast import PPOConfig, PPOTrainer, create_reference_model
-from ppo_fast.trainer.activations import fuse_activations
+from ppo_fast.trainer.activations import FusedGELUTanh, fuse_activations
 
 KEYS = ("objective/kl", "objective/entropy", "ppo/loss/total", "ppo/policy/approxkl", "ppo/val/vpred",
         "ppo/returns/mean", "ppo/mean_non_score_reward")  # fmt: skip
@@ -29,10 +30,12 @@ def _acts(model) -> list[str]:
     return [type(m).__name__ for m in model.modules() if "GELU" in type(m).__name__]
 
 
+@pytest.mark.parametrize("use_fused", [True, False], ids=["ppo_fast_op", "torch_op"])
 @pytest.mark.parametrize("old", [NewGELUActivation, FastGELUActivation])
-def test_fused_module_is_the_same_function(old):
+def test_fused_module_is_the_same_function(old, use_fused):
     fused = copy.deepcopy(torch.nn.Sequential(old()))
-    assert fuse_activations(fused) == 1 and not isinstance(fused[0], old)
+    assert fuse_activations(fused, use_fused=use_fused) == 1
+    assert isinstance(fused[0], FusedGELUTanh) and fused[0].use_fused is use_fused
     x = torch.cat([torch.linspace(-20, 20, 100_001), torch.randn(10_000) * 3])
     truth = _gelu_tanh_fp64(x)
     err_old = (old()(x).double() - truth).abs().max().item()
@@ -58,9 +61,9 @@ def test_swap_covers_policy_and_reference_once_and_keeps_outputs():
     assert _acts(policy).count("NewGELUActivation") == 3
     # 3 in each (the reference's shared block holds the policy's tensors in its own modules); a module reached
     # twice is replaced once.
-    assert fuse_activations(policy, ref, policy) == 6
-    assert "NewGELUActivation" not in _acts(policy) + _acts(ref)
-    assert fuse_activations(policy, ref) == 0  # idempotent
+    assert fuse_activations(policy, ref, policy, use_fused=True) == 6
+    assert set(_acts(policy) + _acts(ref)) == {"FusedGELUTanh"}
+    assert fuse_activations(policy, ref, use_fused=True) == 0  # idempotent
     ids = torch.randint(3, 64, (3, 11), generator=torch.Generator().manual_seed(0))
     logits, _, value = policy(input_ids=ids)
     logits_p, _, value_p = plain(input_ids=ids)
@@ -73,9 +76,11 @@ def test_swap_covers_policy_and_reference_once_and_keeps_outputs():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _steps(fused: bool, steps: int = 3) -> tuple[list[dict], PPOTrainer]:
+def _steps(fused: bool, kernels: bool, steps: int = 3) -> tuple[list[dict], PPOTrainer]:
     policy = make_policy("gpt2", n_layer=2, seed=0)
-    cfg = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, fused_activations=fused, seed=0)
+    cfg = PPOConfig(
+        batch_size=4, mini_batch_size=2, ppo_epochs=2, fused_activations=fused, use_fused_kernels=kernels, seed=0
+    )
     trainer = PPOTrainer(cfg, policy, None, make_tokenizer(), num_shared_layers=1)
     out = []
     for step in range(steps):
@@ -84,11 +89,14 @@ def _steps(fused: bool, steps: int = 3) -> tuple[list[dict], PPOTrainer]:
     return out, trainer
 
 
-def test_trainer_steps_agree_with_the_model_as_written(caplog):
+@pytest.mark.parametrize("kernels", [True, False], ids=["fused_kernels", "eager_kernels"])
+def test_trainer_steps_agree_with_the_model_as_written(caplog, kernels):
     with caplog.at_level(logging.INFO, logger="ppo_fast.trainer.activations"):
-        fused, ft = _steps(True)
-    plain, pt = _steps(False)
-    assert "gelu_new" in caplog.text
+        fused, ft = _steps(True, kernels)
+    plain, pt = _steps(False, kernels)
+    assert "gelu_new" in caplog.text and ("ppo_fast::gelu_tanh" in caplog.text) is kernels
+    swapped = [m for m in [*ft.model.modules(), *ft.ref_model.modules()] if isinstance(m, FusedGELUTanh)]
+    assert len(swapped) == 4 and all(m.use_fused is kernels for m in swapped)  # the trainer's kernels choose
     assert "NewGELUActivation" not in _acts(ft.model) + _acts(ft.ref_model)
     assert _acts(pt.model).count("NewGELUActivation") == 2  # off: the model as the user built it
     for a, b in zip(fused, plain):
@@ -96,6 +104,22 @@ def test_trainer_steps_agree_with_the_model_as_written(caplog):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     for p, q in zip(ft.model.parameters(), pt.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_the_module_runs_the_op_it_names():
+    x = torch.randn(5, 33, generator=torch.Generator().manual_seed(1)) * 4
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    assert torch.equal(FusedGELUTanh(True)(x).nan_to_num(7.0), torch.ops.ppo_fast.gelu_tanh(x).nan_to_num(7.0))
+    torch_op = torch.nn.functional.gelu(x, approximate="tanh")
+    assert torch.equal(FusedGELUTanh(False)(x).nan_to_num(7.0), torch_op.nan_to_num(7.0))
+    assert not list(FusedGELUTanh(True).parameters()) and "use_fused=True" in repr(FusedGELUTanh(True))
+    # The op's backward is the op's own: the gradient is ppo_fast::gelu_tanh_backward's, bit for bit.
+    xg = x[1:].clone().requires_grad_()
+    w = torch.randn_like(xg)
+    (g,) = torch.autograd.grad(FusedGELUTanh(True)(xg), xg, w)
+    assert torch.equal(g, torch.ops.ppo_fast.gelu_tanh_backward(w, xg.detach()))
+    with pytest.raises(TypeError, match="use_fused must be a bool"):
+        fuse_activations(torch.nn.Sequential(NewGELUActivation()), use_fused=1)
 
 
 def test_a_constructor_that_raises_leaves_the_model_alone():
