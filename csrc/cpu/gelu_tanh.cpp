@@ -1,45 +1,13 @@
 // CPU kernels of the tanh-GELU: out = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), and its
 // backward grad * (s + x s (1 - s) 2u') (gelu_tanh.h), elementwise over contiguous memory, in blocks
 // of kBlock elements run in parallel (a tensor of under kGrain elements stays on one thread).
+#include <ppo_fast/cpu_avx2.h>  // first: it builds ATen's vec headers for AVX2
 #include <ppo_fast/cpu_common.h>
 #include <ppo_fast/gelu_tanh.h>
 
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <type_traits>
-
-// The fp32/bf16/fp16 elements run on ATen's Vectorized<float> for AVX2 (8 lanes, Sleef's 1-ulp exp),
-// compiled for AVX2 in this file alone whatever the flags of the rest of the build, and chosen at
-// run time only where the CPU has AVX2, FMA and F16C and ATen itself runs its AVX2 kernels (so
-// ATEN_CPU_CAPABILITY=default selects the plain loops below, which stay the reference path); the
-// same structure as csrc/cpu/logprobs.cpp, whose header comment says why each line is there.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CPU_CAPABILITY)
-#define PPO_FAST_GELU_TANH_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#ifndef __AVX__
-#define __AVX__ 1
-#define PPO_FAST_UNDEF_AVX
-#endif
-#define SLEEF_STATIC_LIBS
-#include <sleef.h>
-#ifdef PPO_FAST_UNDEF_AVX
-#undef __AVX__
-#undef PPO_FAST_UNDEF_AVX
-#endif
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"  // the headers' `#pragma unroll`
-#pragma GCC diagnostic ignored "-Wpsabi"  // lambdas in unused bf16 operators, which the pragma does not reach
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-// Weak: a torch build that did not export Sleef's exp leaves it null, and the plain loops run.
-#pragma weak Sleef_expf8_u10
-#endif
 
 namespace ppo_fast {
 namespace gelu_tanh {
@@ -48,17 +16,7 @@ namespace {
 constexpr int64_t kBlock = 4096;  // elements per parallel work item
 constexpr int64_t kGrain = 8;     // blocks: 32k elements before a second thread joins
 
-#ifdef PPO_FAST_GELU_TANH_AVX2
-// Whether the AVX2 loops may run here (decided once; compiled without AVX2, like all static data).
-bool avx2_rows() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-           &Sleef_expf8_u10 != nullptr && at::get_cpu_capability() != "DEFAULT";
-  }();
-  return ok;
-}
-
+#ifdef PPO_FAST_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 // No contraction of a * b + c into an FMA: the plain loops, built without FMA, round a * b first,
@@ -66,31 +24,8 @@ bool avx2_rows() {
 #pragma GCC optimize("fp-contract=off")
 namespace avx2 {
 
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t kW = fVec::size();  // 8
-constexpr int64_t kChunk = 2 * kW;    // entries per load: one Vectorized<BFloat16/Half>, two of float
+using namespace cpu::avx2;  // fVec, kW, kChunk, load_chunk, store_chunk
 static_assert(kW == 8 && kBlock % kChunk == 0, "AVX2 layout");
-
-// kChunk entries of p as two float vectors, and back (round to nearest even, as static_cast).
-template <typename scalar_t>
-inline void load_chunk(const scalar_t* p, fVec& a, fVec& b) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    a = fVec::loadu(p);
-    b = fVec::loadu(p + kW);
-  } else {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
-  }
-}
-
-template <typename scalar_t>
-inline void store_chunk(scalar_t* p, const fVec& a, const fVec& b) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    a.store(p);
-    b.store(p + kW);
-  } else {
-    at::vec::convert_from_float<scalar_t>(a, b).store(p);
-  }
-}
 
 // gelu_tanh.h's forward and backward on 8 lanes, operation for operation.
 inline fVec forward_vec(const fVec& x) {
@@ -157,15 +92,15 @@ void backward_range(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t
 
 }  // namespace avx2
 #pragma GCC pop_options
-#endif  // PPO_FAST_GELU_TANH_AVX2
+#endif  // PPO_FAST_CPU_AVX2
 
 // The plain loops: gelu_tanh.h's math per element in the accumulation type (fp32, fp64 for fp64).
 template <typename scalar_t>
 void forward_range(const scalar_t* x, scalar_t* out, int64_t i0, int64_t i1) {
   using acc_t = at::opmath_type<scalar_t>;
-#ifdef PPO_FAST_GELU_TANH_AVX2
+#ifdef PPO_FAST_CPU_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (avx2_rows()) return avx2::forward_range(x, out, i0, i1);
+    if (cpu::avx2_usable()) return avx2::forward_range(x, out, i0, i1);
   }
 #endif
   for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<scalar_t>(forward<acc_t>(static_cast<acc_t>(x[i])));
@@ -174,9 +109,9 @@ void forward_range(const scalar_t* x, scalar_t* out, int64_t i0, int64_t i1) {
 template <typename scalar_t>
 void backward_range(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t i0, int64_t i1) {
   using acc_t = at::opmath_type<scalar_t>;
-#ifdef PPO_FAST_GELU_TANH_AVX2
+#ifdef PPO_FAST_CPU_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (avx2_rows()) return avx2::backward_range(g, x, out, i0, i1);
+    if (cpu::avx2_usable()) return avx2::backward_range(g, x, out, i0, i1);
   }
 #endif
   for (int64_t i = i0; i < i1; ++i) {

@@ -2,64 +2,19 @@
 // Each (b, t) row of the vocabulary is read from memory once, in blocks that stay in L1: a block's
 // max, then its exp sums relative to the running max (logits * 1/temperature on the fly); no
 // [B, T, V] temporary is ever allocated.
+#include <ppo_fast/cpu_avx2.h>  // first: it builds ATen's vec headers for AVX2
 #include <ppo_fast/cpu_common.h>
 #include <ppo_fast/logprobs.h>
 
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <type_traits>
-
-// The fp32/bf16/fp16 rows run on ATen's Vectorized<float> for AVX2 (8 lanes, Sleef's 1-ulp exp),
-// compiled for AVX2 in this file alone whatever the flags of the rest of the build, and chosen at
-// run time only where the CPU has AVX2, FMA and F16C and ATen itself runs its AVX2 kernels (so
-// ATEN_CPU_CAPABILITY=default selects the plain loops below, which stay the reference path).
-// ATen's vec headers put every class in the namespace at::vec::CPU_CAPABILITY, so these AVX2
-// instances cannot clash with another file's. GCC only (its target pragma). g++ does not define
-// __AVX__ after the pragma, and sleef.h declares its 8-lane functions only under __AVX__: it is
-// defined for that one include.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CPU_CAPABILITY)
-#define PPO_FAST_LOGPROBS_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#ifndef __AVX__
-#define __AVX__ 1
-#define PPO_FAST_UNDEF_AVX
-#endif
-#define SLEEF_STATIC_LIBS
-#include <sleef.h>
-#ifdef PPO_FAST_UNDEF_AVX
-#undef __AVX__
-#undef PPO_FAST_UNDEF_AVX
-#endif
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"  // the headers' `#pragma unroll`
-#pragma GCC diagnostic ignored "-Wpsabi"  // lambdas in unused bf16 operators, which the pragma does not reach
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-// Weak: a torch build that did not export Sleef's exp leaves it null, and the plain loops run.
-#pragma weak Sleef_expf8_u10
-#endif
 
 namespace ppo_fast {
 namespace logprobs {
 namespace {
 
-#ifdef PPO_FAST_LOGPROBS_AVX2
-// Whether the AVX2 rows may run here (decided once; compiled without AVX2, like all static data).
-bool avx2_rows() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-           &Sleef_expf8_u10 != nullptr && at::get_cpu_capability() != "DEFAULT";
-  }();
-  return ok;
-}
-
+#ifdef PPO_FAST_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 // No contraction of a * b + c into an FMA (the plain loops, built without FMA, round a * b first):
@@ -67,35 +22,12 @@ bool avx2_rows() {
 #pragma GCC optimize("fp-contract=off")
 namespace avx2 {
 
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t kW = fVec::size();  // 8
-constexpr int64_t kChunk = 2 * kW;    // entries per load: one Vectorized<BFloat16/Half>, two of float
+using namespace cpu::avx2;  // fVec, kW, kChunk, load_chunk, store_chunk
 // Entries per fp32 partial sum: each lane of each accumulator adds 16 terms before the block's sum
 // goes into the fp64 total, so a 150k vocabulary keeps the fp64 accuracy of the plain loops.
 constexpr int64_t kBlock = 256;
 static_assert(kW == 8 && kBlock % kChunk == 0, "AVX2 layout");
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// kChunk entries of p as two float vectors, and back (round to nearest even, as static_cast).
-template <typename scalar_t>
-inline void load_chunk(const scalar_t* p, fVec& a, fVec& b) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    a = fVec::loadu(p);
-    b = fVec::loadu(p + kW);
-  } else {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
-  }
-}
-
-template <typename scalar_t>
-inline void store_chunk(scalar_t* p, const fVec& a, const fVec& b) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    a.store(p);
-    b.store(p + kW);
-  } else {
-    at::vec::convert_from_float<scalar_t>(a, b).store(p);
-  }
-}
 
 // The last n < kChunk entries of a row, copied into a full chunk whose other entries are `fill`.
 template <typename scalar_t>
@@ -255,15 +187,15 @@ double kl_sum(const scalar_t* x, const scalar_t* q, int64_t V, float inv_t, floa
 
 }  // namespace avx2
 #pragma GCC pop_options
-#endif  // PPO_FAST_LOGPROBS_AVX2
+#endif  // PPO_FAST_CPU_AVX2
 
 // Softmax statistics of one row of z = x * inv_t: the exact max first, then the sums, which are
 // accumulated in fp64 (a vocabulary of 150k terms in one fp32 sum would lose ~1e-4 of the lse).
 template <typename acc_t, typename scalar_t>
 Online<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t) {
-#ifdef PPO_FAST_LOGPROBS_AVX2
+#ifdef PPO_FAST_CPU_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (avx2_rows()) return avx2::row_stats(x, V, inv_t);
+    if (cpu::avx2_usable()) return avx2::row_stats(x, V, inv_t);
   }
 #endif
   acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -306,9 +238,9 @@ void forward_rows(const Job& job, int64_t r0, int64_t r1, acc_t inv_t) {
 
 template <typename scalar_t, typename acc_t>
 void backward_rows(const Job& job, int64_t r0, int64_t r1, acc_t inv_t) {
-#ifdef PPO_FAST_LOGPROBS_AVX2
+#ifdef PPO_FAST_CPU_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (avx2_rows()) return avx2::backward_rows<scalar_t>(job, r0, r1, inv_t);
+    if (cpu::avx2_usable()) return avx2::backward_rows<scalar_t>(job, r0, r1, inv_t);
   }
 #endif
   const int64_t V = job.V;
@@ -341,9 +273,9 @@ void full_kl_range(const Job& job, int64_t r0, int64_t r1, acc_t inv_t) {
     // KL = sum_j p_j (z_j - r_j) - lse_z + lse_r, with the lse difference taken as
     // (m_r - m_z) + (log s_r - log s_z) so the logits' magnitude does not cancel.
     double acc = 0;
-#ifdef PPO_FAST_LOGPROBS_AVX2
+#ifdef PPO_FAST_CPU_AVX2
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (avx2_rows()) {
+      if (cpu::avx2_usable()) {
         out[r] = static_cast<acc_t>(avx2::kl_sum(x, q, V, inv_t, oz.m, log_sz)) + (oq.m - oz.m) + (log_sq - log_sz);
         continue;
       }
