@@ -98,3 +98,40 @@ def test_compare_trl_smoke(benchmark, tmp_path):
     assert p["objective/kl"] == t["objective/kl"] == 0.0  # the reference starts as the policy
     (trl_curve,) = _records(results, "trl", "curve")
     assert len(trl_curve["steps"]) == 2
+
+
+def test_replay_kernels_counts_and_flops():
+    """``--profile``'s kernel replay: every GEMM and attention call of the profiled step is found once (none
+    inside the attention kernels counted as GEMMs), grouped by shape, and its FLOPs are 2 M N K."""
+    import torch
+    import torch.nn.functional as F
+    import worker
+
+    a, b, bias = torch.randn(24, 16), torch.randn(16, 8), torch.randn(8)
+    x, y = torch.randn(3, 5, 7), torch.randn(3, 7, 2)
+    q = torch.randn(2, 2, 12, 4, requires_grad=True)
+    outside = torch.randn(9, 9)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        outside @ outside  # outside the step: not counted
+        with torch.profiler.record_function("harness::step"):
+            for _ in range(3):
+                torch.mm(a, b)
+            torch.addmm(bias, a, b)
+            torch.addmm(bias, a, b)
+            torch.bmm(x, y)
+            F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    rp = worker.replay_kernels(prof.events(), "cpu", torch.float32, reps=1)
+    calls = {(r["op"], tuple(map(tuple, r["shapes"]))): r["calls"] for r in rp["rows"]}
+    assert calls == {
+        ("aten::mm", ((24, 16), (16, 8))): 3,
+        ("aten::addmm", ((8,), (24, 16), (16, 8))): 2,
+        ("aten::bmm", ((3, 5, 7), (3, 7, 2))): 1,
+        ("attention (causal)", ((2, 2, 12, 4),) * 3): [2, 1],
+    }
+    assert rp["gemm_calls"] == 6 and rp["attention_calls"] == [2, 1]
+    assert rp["gemm_gflop"] * 1e9 == pytest.approx(5 * 2 * 24 * 16 * 8 + 2 * 3 * 5 * 7 * 2)
+    # QK^T and PV, 4 b h T T d halved by the causal mask; forward once per call, twice over per backward
+    assert rp["attention_gflop"] * 1e9 == pytest.approx((2 + 2 * 1) * 4 * 2 * 2 * 12 * 12 * 4 * 0.5)
+    assert rp["gemm_s"] > 0 and rp["attention_s"] > 0 and rp["square_gemm_gflops"] > 0
+    assert all(r["gflops"] > 0 for r in rp["rows"] if r["op"].startswith("aten::"))

@@ -416,6 +416,53 @@ def _profile_table(runner: Runner, rec: dict) -> list[str]:
             f"Floor (CPU, median of its runs): {floor * 1e3:.1f} ms; this step's CPU time minus the floor: "
             f"{(cpu - floor) * 1e3:.1f} ms."
         )
+    lines += _replay_lines(runner, rec)
+    return lines
+
+
+def _replay_lines(runner: Runner, rec: dict) -> list[str]:
+    """The profiled step's GEMMs and attention re-timed alone (worker.replay_kernels): the kernels' share of
+    the step, their rate against one large square GEMM on the same core, and the TRL / ppo_fast ratio the
+    step would have if it were those kernels and nothing else."""
+    rp = rec.get("replay")
+    if not rp:
+        return []
+    wl, cpu = rec["workload"], rec.get("cpu_s") or 0.0
+    pf = _median(_ok(runner.records, lib="ppo_fast", workload=wl, mode="time"), "cpu_s") or cpu
+    trl = _median(_ok(runner.records, lib="trl", workload=wl, mode="time"), "cpu_s")
+    kern = rp["gemm_s"] + rp["attention_s"]
+    nf, nb = rp["attention_calls"]
+    lines = [
+        "",
+        f"The same step's kernels re-timed alone (each shape on fresh operands, best of 5, times its count): "
+        f"{rp['gemm_calls']} GEMMs, {rp['gemm_gflop']:.0f} GFLOP in {rp['gemm_s']:.2f} s "
+        f"({rp['gemm_gflop'] / rp['gemm_s']:.1f} GFLOP/s; one 2048^3 GEMM on this core: "
+        f"{rp['square_gemm_gflops']:.1f} GFLOP/s)"
+        + (
+            f"; attention {nf} forward + {nb} backward calls, {rp['attention_gflop']:.0f} GFLOP in "
+            f"{rp['attention_s']:.2f} s ({rp['attention_gflop'] / rp['attention_s']:.1f} GFLOP/s)"
+            if rp["attention_s"]
+            else ""
+        )
+        + f". Together {kern:.2f} s, {100 * kern / pf:.0f}% of the step's median {pf:.3f} s CPU"
+        + (f"; with nothing else in the step, TRL / ppo_fast would be {trl / kern:.2f}x." if trl else "."),
+        "",
+        "| kernel | shapes | calls | ms each | GFLOP/s |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(x, spec):
+        return " / ".join(_fmt(v, spec) for v in x) if isinstance(x, list) else _fmt(x, spec)
+
+    def total_ms(r):
+        calls, ms = (r["calls"], r["ms"]) if isinstance(r["calls"], list) else ([r["calls"]], [r["ms"]])
+        return sum(c * m for c, m in zip(calls, ms))
+
+    for r in sorted(rp["rows"], key=total_ms, reverse=True)[:12]:
+        shapes = " x ".join(str(list(s)) for s in r["shapes"])
+        lines.append(
+            f"| {r['op']} | {shapes} | {cell(r['calls'], 'd')} | {cell(r['ms'], '.2f')} | {cell(r['gflops'], '.1f')} |"
+        )
     return lines
 
 

@@ -376,12 +376,13 @@ def run_profile(args, w: W.Workload) -> dict[str, Any]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     gc.callbacks.append(on_gc)
     try:
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             with torch.profiler.record_function("harness::step"):
                 _, cpu, wall = _step(trainer, queries, responses, scores, args.device)
     finally:
         gc.callbacks.remove(on_gc)
     info.update(_categorise(prof.events(), wall))
+    info["replay"] = replay_kernels(prof.events(), args.device, DTYPES[args.dtype])
     info.update(
         {
             "cpu_s": cpu,
@@ -434,6 +435,121 @@ def _categorise(events, wall: float) -> dict[str, Any]:
         "breakdown": [{"category": k, "s": s, "share": s / profiled_s if profiled_s else None} for k, s in rows],
         "profiled_step_s": profiled_s,
         "host_syncs": {"count": syncs[0], "s": syncs[1] / 1e6},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- kernel replay
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+ATTN_FWD = (
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+)
+
+
+def _gemm_flop(name: str, shapes: list) -> float | None:
+    """2 M N K (times the batch) from a GEMM event's input shapes; None for shapes it does not know."""
+    a, b = (shapes[1], shapes[2]) if name in ("aten::addmm", "aten::baddbmm") else (shapes[0], shapes[1])
+    if len(a) != len(b) or len(a) not in (2, 3) or a[-1] != b[-2]:
+        return None
+    return 2.0 * (a[0] if len(a) == 3 else 1) * a[-2] * a[-1] * b[-1]
+
+
+def _timed(fn, device: str, reps: int) -> float:
+    """Best of ``reps`` calls after one warm-up: process CPU time on the CPU, synchronised wall time on a GPU."""
+    clock = time.process_time if device == "cpu" else time.perf_counter
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        c = clock()
+        fn()
+        _sync(device)
+        best = min(best, clock() - c)
+    return best
+
+
+def _time_gemm(name: str, shapes: list, device: str, dtype: torch.dtype, reps: int) -> float:
+    fn = {"aten::mm": torch.mm, "aten::bmm": torch.bmm, "aten::addmm": torch.addmm, "aten::baddbmm": torch.baddbmm}
+    ops = [torch.randn(*s, device=device, dtype=dtype) for s in shapes]
+    return _timed(lambda: fn[name](*ops), device, reps)
+
+
+def _time_attention(q, k, v, causal: bool, backward: bool, device: str, dtype: torch.dtype, reps: int):
+    import torch.nn.functional as F
+
+    qt, kt, vt = (torch.randn(*s, device=device, dtype=dtype, requires_grad=True) for s in (q, k, v))
+
+    def fwd():
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+    out = fwd()
+    grad = torch.randn_like(out)
+    tf = _timed(fwd, device, reps)
+    tb = _timed(lambda: torch.autograd.grad(out, (qt, kt, vt), grad, retain_graph=True), device, reps)
+    return tf, tb if backward else 0.0
+
+
+def replay_kernels(events, device: str, dtype: torch.dtype, reps: int = 5) -> dict[str, Any]:
+    """The step's GEMMs and attention calls, each shape re-timed alone (fresh contiguous operands, best of
+    ``reps``) and multiplied by its count: what those kernels cost with nothing else in the step, and the rate
+    they reach. The same core's rate on one large square GEMM is the practical bound to read the rate against."""
+    gemms: dict[tuple, int] = {}
+    attn: dict[tuple, list[int]] = {}  # (q, k, v shapes, causal) -> [forward calls, backward calls]
+
+    def visit(e, under_attention: bool) -> None:
+        name, shapes = e.name, [list(s) for s in (e.input_shapes or [])]
+        if name in GEMM_OPS and not under_attention and _gemm_flop(name, shapes):
+            key = (name, *map(tuple, shapes[: 3 if name in ("aten::addmm", "aten::baddbmm") else 2]))
+            gemms[key] = gemms.get(key, 0) + 1
+        is_fwd = name in ATTN_FWD
+        is_bwd = "scaled_dot_product" in name and name.endswith("_backward")
+        if (is_fwd or is_bwd) and len(shapes) >= 4:
+            qkv = shapes[1:4] if is_bwd else shapes[0:3]
+            at = 7 if is_bwd else 4  # is_causal's place in the forward's / backward's arguments
+            concrete = list(getattr(e, "concrete_inputs", None) or [])
+            causal = bool(concrete[at]) if len(concrete) > at else True
+            attn.setdefault((*map(tuple, qkv), causal), [0, 0])[1 if is_bwd else 0] += 1
+        for c in e.cpu_children:
+            visit(c, under_attention or is_fwd or is_bwd)
+
+    for e in events:
+        if e.name == "harness::step":
+            visit(e, False)
+            break
+    gemm_s = gemm_flop = 0.0
+    rows = []
+    for (name, *shapes), n in gemms.items():
+        s, fl = _time_gemm(name, shapes, device, dtype, reps), _gemm_flop(name, shapes)
+        gemm_s, gemm_flop = gemm_s + n * s, gemm_flop + n * fl
+        rows.append({"op": name, "shapes": shapes, "calls": n, "ms": 1e3 * s, "gflops": fl / s / 1e9})
+    attn_s = attn_flop = 0.0
+    for (q, k, v, causal), (nf, nb) in attn.items():
+        tf, tb = _time_attention(q, k, v, causal, nb > 0, device, dtype, reps)
+        # QK^T and PV (4 b h Tq Tk d), halved under a causal mask; the backward does twice the forward's
+        fl = 4.0 * q[0] * q[1] * q[2] * k[2] * q[3] * (0.5 if causal else 1.0)
+        attn_s, attn_flop = attn_s + nf * tf + nb * tb, attn_flop + (nf + 2 * nb) * fl
+        rows.append(
+            {
+                "op": "attention" + (" (causal)" if causal else ""),
+                "shapes": [q, k, v],
+                "calls": [nf, nb],
+                "ms": [1e3 * tf, 1e3 * tb],
+                "gflops": [fl / tf / 1e9, 2 * fl / tb / 1e9 if tb else None],
+            }
+        )
+    square = (2048, 2048)
+    peak = 2.0 * 2048**3 / _time_gemm("aten::mm", [square, square], device, dtype, reps) / 1e9
+    return {
+        "gemm_s": gemm_s,
+        "gemm_gflop": gemm_flop / 1e9,
+        "gemm_calls": sum(gemms.values()),
+        "attention_s": attn_s,
+        "attention_gflop": attn_flop / 1e9,
+        "attention_calls": [sum(v[0] for v in attn.values()), sum(v[1] for v in attn.values())],
+        "square_gemm_gflops": peak,
+        "rows": rows,
     }
 
 
