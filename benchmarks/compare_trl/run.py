@@ -425,7 +425,7 @@ def _replay_lines(runner: Runner, rec: dict) -> list[str]:
     the step, their rate against one large square GEMM on the same core, and the TRL / ppo_fast ratio the
     step would have if it were those kernels and nothing else."""
     rp = rec.get("replay")
-    if not rp:
+    if not rp or not rp["gemm_calls"]:
         return []
     wl, cpu = rec["workload"], rec.get("cpu_s") or 0.0
     pf = _median(_ok(runner.records, lib="ppo_fast", workload=wl, mode="time"), "cpu_s") or cpu
