@@ -110,6 +110,7 @@ def test_replay_kernels_counts_and_flops():
     a, b, bias = torch.randn(24, 16), torch.randn(16, 8), torch.randn(8)
     x, y = torch.randn(3, 5, 7), torch.randn(3, 7, 2)
     q = torch.randn(2, 2, 12, 4, requires_grad=True)
+    r = torch.randn(1, 2, 6, 4)  # forward only, as the rollout's no-grad passes
     outside = torch.randn(9, 9)
     with torch.profiler.profile(record_shapes=True) as prof:
         outside @ outside  # outside the step: not counted
@@ -121,6 +122,7 @@ def test_replay_kernels_counts_and_flops():
             torch.bmm(x, y)
             F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
             F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            F.scaled_dot_product_attention(r, r, r, is_causal=True)
     rp = worker.replay_kernels(prof.events(), "cpu", torch.float32, reps=1)
     calls = {(r["op"], tuple(map(tuple, r["shapes"]))): r["calls"] for r in rp["rows"]}
     assert calls == {
@@ -128,10 +130,16 @@ def test_replay_kernels_counts_and_flops():
         ("aten::addmm", ((8,), (24, 16), (16, 8))): 2,
         ("aten::bmm", ((3, 5, 7), (3, 7, 2))): 1,
         ("attention (causal)", ((2, 2, 12, 4),) * 3): [2, 1],
+        ("attention (causal)", ((1, 2, 6, 4),) * 3): [1, 0],
     }
-    assert rp["gemm_calls"] == 6 and rp["attention_calls"] == [2, 1]
+    assert rp["gemm_calls"] == 6 and rp["attention_calls"] == [3, 1]
     assert rp["gemm_gflop"] * 1e9 == pytest.approx(5 * 2 * 24 * 16 * 8 + 2 * 3 * 5 * 7 * 2)
     # QK^T and PV, 4 b h T T d halved by the causal mask; forward once per call, twice over per backward
-    assert rp["attention_gflop"] * 1e9 == pytest.approx((2 + 2 * 1) * 4 * 2 * 2 * 12 * 12 * 4 * 0.5)
+    assert rp["attention_gflop"] * 1e9 == pytest.approx(
+        (2 + 2 * 1) * 4 * 2 * 2 * 12 * 12 * 4 * 0.5 + 1 * 4 * 1 * 2 * 6 * 6 * 4 * 0.5
+    )
+    # a shape the step never ran backward through is timed forward only
+    (fwd_only,) = [row for row in rp["rows"] if row["calls"] == [1, 0]]
+    assert fwd_only["ms"][0] > 0 and fwd_only["ms"][1] == 0.0 and fwd_only["gflops"][1] is None
     assert rp["gemm_s"] > 0 and rp["attention_s"] > 0 and rp["square_gemm_gflops"] > 0
     assert all(r["gflops"] > 0 for r in rp["rows"] if r["op"].startswith("aten::"))
