@@ -6,8 +6,13 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <initializer_list>
 #include <utility>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace ppo_fast {
 namespace linear_logprobs {
@@ -120,6 +125,25 @@ void logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight, c
   }
 }
 
+// The [chunk, V] logits block, tens of MiB written afresh by every call. A CPU block that large comes
+// from mmap, so every call would first-touch it page by page (~16k faults per 64 MiB, a fifth of the
+// op's time at V = 32000, benchmarks/RESULTS.md). On Linux its 2 MiB-aligned span is given
+// transparent huge pages (madvise, as torch's own THP_MEM_ALLOC_ENABLE does for every large
+// allocation): ~32 faults instead. Advice only: where THP is off, or madvise fails, nothing changes.
+at::Tensor logits_block(int64_t rows, int64_t V, const at::TensorOptions& options) {
+  at::Tensor block = at::empty({rows, V}, options);
+#ifdef __linux__
+  if (block.is_cpu()) {
+    constexpr std::uintptr_t kHugePage = std::uintptr_t(2) << 20;
+    const auto p = reinterpret_cast<std::uintptr_t>(block.data_ptr());
+    const std::uintptr_t begin = (p + kHugePage - 1) & ~(kHugePage - 1);
+    const std::uintptr_t end = (p + block.nbytes()) & ~(kHugePage - 1);
+    if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return block;
+}
+
 // The log-prob job of one block z [c, V], read as [1, c, V]; per-row pointers are set by the caller.
 Job block_job(const char* op, const at::Tensor& z, double temperature) {
   Job j{};
@@ -173,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs(const Kernels& k,
   at::Tensor logprob = at::empty({s.B, s.T}, acc), entropy = at::empty({s.B, s.T}, acc);
   at::Tensor lse = at::empty({s.B, s.T}, acc);
   const HiddenRows rows(hidden, s.chunk);
-  at::Tensor block = at::empty({s.chunk, s.V}, hidden.options());
+  at::Tensor block = logits_block(s.chunk, s.V, hidden.options());
   for (int64_t r0 = 0; r0 < s.N; r0 += s.chunk) {
     const int64_t c = std::min(s.chunk, s.N - r0);
     at::Tensor z = block.narrow(0, 0, c);
@@ -223,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   at::Tensor grad_b_acc = need_b ? at::zeros({s.V}, w_opts.dtype(acc)) : at::Tensor();
 
   const HiddenRows rows(hidden, s.chunk);
-  at::Tensor block = at::empty({s.chunk, s.V}, hidden.options());
+  at::Tensor block = logits_block(s.chunk, s.V, hidden.options());
   for (int64_t r0 = 0; r0 < s.N; r0 += s.chunk) {
     const int64_t c = std::min(s.chunk, s.N - r0);
     at::Tensor z = block.narrow(0, 0, c);
