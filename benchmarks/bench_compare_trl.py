@@ -110,7 +110,7 @@ def test_replay_kernels_counts_and_flops():
     a, b, bias = torch.randn(24, 16), torch.randn(16, 8), torch.randn(8)
     x, y = torch.randn(3, 5, 7), torch.randn(3, 7, 2)
     q = torch.randn(2, 2, 12, 4, requires_grad=True)
-    r = torch.randn(1, 2, 6, 4)  # forward only, as the rollout's no-grad passes
+    p = torch.randn(1, 2, 6, 4)  # forward only, as the rollout's no-grad passes
     outside = torch.randn(9, 9)
     with torch.profiler.profile(record_shapes=True) as prof:
         outside @ outside  # outside the step: not counted
@@ -122,7 +122,7 @@ def test_replay_kernels_counts_and_flops():
             torch.bmm(x, y)
             F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
             F.scaled_dot_product_attention(q, q, q, is_causal=True)
-            F.scaled_dot_product_attention(r, r, r, is_causal=True)
+            F.scaled_dot_product_attention(p, p, p, is_causal=True)
     rp = worker.replay_kernels(prof.events(), "cpu", torch.float32, reps=1)
     calls = {(r["op"], tuple(map(tuple, r["shapes"]))): r["calls"] for r in rp["rows"]}
     assert calls == {
